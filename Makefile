@@ -1,0 +1,26 @@
+# Every target creates the virtualenv on first use, so a fresh machine needs only Python and pip.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install test lint demo clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+lint: install
+	$(PY) -m ruff check src tests examples
+
+test: install lint
+	$(PY) -m pytest
+
+demo: install
+	$(PY) examples/plain_pytorch.py
+
+clean:
+	rm -rf $(VENV) runs lightning_logs .pytest_cache .ruff_cache

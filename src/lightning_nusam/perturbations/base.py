@@ -1,0 +1,129 @@
+"""The contract every sharpness-aware perturbation follows.
+
+A perturbation reads the first-pass gradients (``p.grad``), adds ``ε`` to the selected weights
+in place (:meth:`Perturbation.perturb`), and later removes exactly that ``ε`` in place
+(:meth:`Perturbation.restore`). What it keeps in between is reported by :meth:`held_numel`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_nusam.perturbations.selection import SelectedParameter
+
+#: τ of Algorithm 2: keeps the normalisations finite for a zero gradient.
+DEFAULT_TAU = 1e-12
+
+
+def check_rho(rho: float) -> float:
+    rho = float(rho)
+    if not rho >= 0.0 or rho == float("inf"):  # also rejects NaN
+        raise ValueError(f"`rho` must be a finite number >= 0 (the perturbation radius), got {rho}")
+    return rho
+
+
+class Perturbation(abc.ABC):
+    """Base class: step bookkeeping, the perturb/restore protocol and memory accounting.
+
+    Subclasses implement :meth:`_perturb` and :meth:`_restore` and list the tensors they keep in
+    :meth:`held_tensors`. Counters: ``steps`` (calls of :meth:`perturb`) and ``skipped_steps``
+    (steps whose gradients were not finite, e.g. an fp16 overflow, so nothing was added).
+    """
+
+    def __init__(self, model: nn.Module, rho: float, selected: list[SelectedParameter]) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+        self.rho = check_rho(rho)
+        self._selected = selected
+        self._is_perturbed = False
+        self.steps = 0
+        self._skipped = 0
+
+    # ----------------------------------------------------------------------------- protocol
+    @property
+    def is_perturbed(self) -> bool:
+        """Whether ``ε`` is currently added to the weights."""
+        return self._is_perturbed
+
+    @property
+    def parameter_names(self) -> list[str]:
+        """Names (as in ``model.named_parameters()``) of the parameters this perturbation may touch."""
+        return [item.name for item in self._selected]
+
+    @property
+    def parameters(self) -> list[nn.Parameter]:
+        return [item.parameter for item in self._selected]
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps whose gradients were not finite, so that no perturbation was applied."""
+        return int(self._skipped)
+
+    @torch.no_grad()
+    def perturb(self) -> None:
+        """Read ``p.grad`` of the selected parameters and add ``ε`` to them in place."""
+        if self._is_perturbed:
+            raise RuntimeError(
+                f"{type(self).__name__}.perturb() called twice without restore(): call restore() "
+                "after the second backward pass, before the optimizer step"
+            )
+        self._perturb()
+        self._is_perturbed = True
+        self.steps += 1
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Remove the ``ε`` added by the last :meth:`perturb`; does nothing when none is applied."""
+        if not self._is_perturbed:
+            return
+        self._restore()
+        self._is_perturbed = False
+
+    # ----------------------------------------------------------------------------- accounting
+    @abc.abstractmethod
+    def held_tensors(self) -> Iterator[torch.Tensor]:
+        """Every tensor this object keeps to restore the weights (and to warm-start)."""
+
+    def held_numel(self) -> int:
+        """How many numbers the perturbation holds between :meth:`perturb` and :meth:`restore`.
+
+        Counted from the tensors it actually keeps (:meth:`held_tensors`), not from a formula.
+        SAM keeps a full copy of the perturbed weights; νSAM keeps ``u`` and ``v`` per matrix.
+        """
+        return sum(t.numel() for t in self.held_tensors())
+
+    def perturbed_numel(self) -> int:
+        """How many weights :meth:`perturb` may change (what SAM would have to copy)."""
+        return sum(item.parameter.numel() for item in self._selected)
+
+    def describe(self) -> str:
+        """A short human-readable account of what is perturbed and what is held."""
+        return (
+            f"{type(self).__name__}(rho={self.rho}): {len(self._selected)} tensors, "
+            f"{self.perturbed_numel():,} weights perturbed, {self.held_numel():,} numbers held"
+        )
+
+    # ----------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        if self._is_perturbed:
+            raise RuntimeError("load_state_dict() while the weights are perturbed: call restore() first")
+        self.steps = int(state_dict["steps"])
+        self._skipped = int(state_dict["skipped_steps"])
+
+    # ----------------------------------------------------------------------------- subclasses
+    @abc.abstractmethod
+    def _perturb(self) -> None: ...
+
+    @abc.abstractmethod
+    def _restore(self) -> None: ...
+
+    def __repr__(self) -> str:
+        return self.describe()

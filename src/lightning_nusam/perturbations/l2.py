@@ -1,0 +1,142 @@
+"""SAM (Foret et al.) and SAM-ON: the ℓ2-constrained perturbation ``ε = ρ g / ‖g‖₂``.
+
+``g`` is the first-pass gradient of the selected parameters, flattened into one vector, so the
+normalisation is global. The closed form of ``argmax_{‖ε‖₂ ≤ ρ} ⟨ε, g⟩`` (the paper's eq. (3)
+and update (SAM)). Restoring by subtraction would round differently from the addition, so, like
+the reference implementations, the perturbed weights are copied before ``ε`` is added and
+copied back by :meth:`restore`: this copy is SAM's memory cost that νSAM removes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from lightning_nusam.perturbations.base import DEFAULT_TAU, Perturbation
+from lightning_nusam.perturbations.selection import (
+    SelectedParameter,
+    nothing_to_perturb,
+    select_all,
+    select_norm_layers,
+)
+
+
+def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """``‖(g_1, ..., g_k)‖₂`` as an fp32 scalar on the first gradient's device."""
+    device = grads[0].device
+    if grads[0].dtype in (torch.float16, torch.bfloat16):
+        norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
+    else:
+        norms = torch._foreach_norm(grads)
+    return torch.stack([n.to(device) for n in norms]).float().square().sum().sqrt()
+
+
+class L2Perturbation(Perturbation):
+    """SAM: ``ε = ρ g / (‖g‖₂ + τ)`` over every selected parameter that has a gradient.
+
+    Args:
+        model: the module to perturb.
+        rho: the radius ρ ≥ 0 of the ℓ2 ball.
+        include: name patterns; only matching parameters are perturbed (``None``: all).
+        exclude: name patterns never perturbed.
+        tau: added to the norm (the ``perturb_eps`` of common implementations).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+        >>> sam = L2Perturbation(model, rho=0.05)
+        >>> model(torch.randn(4, 8)).square().mean().backward()
+        >>> sam.perturb(); sam.restore()
+        >>> sam.held_numel() == sum(p.numel() for p in model.parameters())  # a full copy
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        rho: float = 0.05,
+        *,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] = (),
+        tau: float = DEFAULT_TAU,
+    ) -> None:
+        self._init_selected(model, rho, select_all(model, include=include, exclude=exclude), tau)
+
+    def _init_selected(
+        self, model: nn.Module, rho: float, selected: list[SelectedParameter], tau: float
+    ) -> None:
+        if not selected:
+            raise nothing_to_perturb(model, f"{type(self).__name__} selected no parameters")
+        if not tau >= 0:
+            raise ValueError(f"`tau` must be >= 0, got {tau}")
+        super().__init__(model, rho, selected)
+        self.tau = float(tau)
+        # One buffer per parameter for the weights before the perturbation, allocated once
+        # (``empty_like`` touches no memory until the first step writes it).
+        self._backups = [torch.empty_like(item.parameter) for item in selected]
+        self._applied: list[int] = []
+
+    def _perturb(self) -> None:
+        indices = [i for i, item in enumerate(self._selected) if item.parameter.grad is not None]
+        if not indices:
+            return
+        params = [self._selected[i].parameter.data for i in indices]
+        grads = [self._selected[i].parameter.grad for i in indices]
+        norm = global_grad_norm(grads)
+        if not bool(torch.isfinite(norm)):
+            self._skipped += 1
+            return
+        scale = self.rho / (norm + self.tau)
+        backups = [self._backup_for(i) for i in indices]
+        torch._foreach_copy_(backups, params)
+        for param, grad in zip(params, grads, strict=True):
+            param.addcmul_(grad, scale)  # w ← w + g·ρ/‖g‖, fused: no temporary of ε
+        self._applied = indices
+
+    def _restore(self) -> None:
+        if self._applied:
+            params = [self._selected[i].parameter.data for i in self._applied]
+            torch._foreach_copy_(params, [self._backups[i] for i in self._applied])
+        self._applied = []
+
+    def _backup_for(self, index: int) -> torch.Tensor:
+        """The backup buffer, re-allocated if the parameter moved device or changed dtype."""
+        param, backup = self._selected[index].parameter, self._backups[index]
+        if backup.device != param.device or backup.dtype != param.dtype:
+            self._backups[index] = backup = torch.empty_like(param)
+        return backup
+
+    def held_tensors(self) -> Iterator[torch.Tensor]:
+        yield from self._backups
+
+
+class NormLayerPerturbation(L2Perturbation):
+    """SAM-ON (Mueller et al., 2023): SAM restricted to the parameters of normalisation layers.
+
+    Layers are found by module type (BatchNorm, LayerNorm, GroupNorm, RMSNorm, InstanceNorm and
+    their subclasses, plus ``extra_norm_types``), never by name.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 2))
+        >>> samon = NormLayerPerturbation(model, rho=0.5)
+        >>> samon.parameter_names
+        ['1.weight', '1.bias']
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        rho: float = 0.05,
+        *,
+        extra_norm_types: Sequence[type[nn.Module]] = (),
+        tau: float = DEFAULT_TAU,
+    ) -> None:
+        selected = select_norm_layers(model, extra_norm_types)
+        if not selected:
+            raise nothing_to_perturb(
+                model,
+                "SAM-ON perturbs normalisation layers and the model has none "
+                "(pass `extra_norm_types` for custom norm modules)",
+            )
+        self._init_selected(model, rho, selected, tau)

@@ -1,0 +1,315 @@
+"""νSAM: sharpness-aware perturbations under a nuclear-norm constraint (the paper's Algorithm 1).
+
+For every selected weight matrix ``M_i ∈ R^{n_i×m_i}`` with first-pass gradient ``G_i``::
+
+    (u_i, v_i) = SVD_top1(G_i, u_i^{prev})        # Algorithm 2, warm-started, T iterations
+    M_i ← M_i + ρ · u_i v_iᵀ                      # perturb(): in place, eq. (8a)
+    ...second forward/backward at the perturbed weights...
+    M_i ← M_i − ρ · u_i v_iᵀ                      # restore(): in place, eq. (8b)
+
+``ε_i = ρ u_i v_iᵀ`` is the solution of the linear maximisation ``argmax_{‖ε‖_* ≤ ρ} ⟨ε, G_i⟩``
+(Lemma 3.1): rank one, nuclear norm ρ, and ``⟨ε_i, G_i⟩ = ρ σ_i > 0``. Only ``u_i`` and ``v_i``
+are kept, never ``ε_i`` nor a copy of ``M_i``; ``u_i`` is the warm start of the next step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_nusam.perturbations.base import DEFAULT_TAU, Perturbation
+from lightning_nusam.perturbations.power_iteration import batched_power_iteration, power_iteration
+from lightning_nusam.perturbations.selection import (
+    DEFAULT_NUCLEAR_EXCLUDE,
+    SelectedParameter,
+    nothing_to_perturb,
+    select_matrices,
+)
+
+#: Largest number of gradient entries stacked at once by the batched power iteration
+#: (16 Mi numbers = 64 MiB in fp32); larger shape groups are processed in chunks.
+DEFAULT_MAX_STACK_NUMEL = 1 << 24
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _as_matrix(tensor: torch.Tensor) -> torch.Tensor:
+    """``(out, in, *kernel)`` → ``(out, in·prod(kernel))``; a 2-D tensor is returned as is."""
+    return tensor if tensor.dim() == 2 else tensor.reshape(tensor.shape[0], -1)
+
+
+@dataclass
+class _ShapeGroup:
+    """Selected matrices of one shape, dtype and device, with their power-iteration vectors.
+
+    ``u`` (``B×n``) and ``v`` (``B×m``), fp32 (fp64 for fp64 weights), are the only state:
+    row ``i`` belongs to ``members[i]``. ``v`` already contains any per-matrix scale
+    (νSAM-Norm) and is zeroed on a skipped step, so ``restore`` subtracts exactly what
+    ``perturb`` added.
+    """
+
+    members: list[SelectedParameter]
+    u: torch.Tensor
+    v: torch.Tensor
+    applied_rows: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Estimate:
+    group: _ShapeGroup
+    rows: list[int]
+    u: torch.Tensor
+    v: torch.Tensor
+    sigma: torch.Tensor
+
+
+class NuclearPerturbation(Perturbation):
+    """νSAM (Algorithm 1): a rank-1 perturbation ``ρ u vᵀ`` per weight matrix.
+
+    Args:
+        model: the module whose weight matrices are perturbed.
+        rho: the radius ρ ≥ 0; each matrix gets a perturbation of nuclear norm ρ.
+        power_iterations: T ≥ 1 of Algorithm 2 (the paper uses T = 1 with a warm start).
+        include: name patterns (``fnmatch``, e.g. ``"blocks.*.mlp.*"``); only matching
+            parameters are considered. ``None`` considers all.
+        exclude: name patterns never perturbed (default: position embeddings and class tokens).
+        exclude_modules: module types whose parameters are never perturbed (normalisation
+            layers are always excluded).
+        include_conv: also perturb convolution kernels, each as an ``(out, in·kh·kw)`` matrix
+            (off by default, as in the paper, which skips the ViT's patch convolution).
+        batched: run the power iteration as one ``bmm`` per group of equally shaped matrices
+            (``True``) or as a plain per-matrix loop (``False``); both give the same numbers.
+        max_stack_numel: the batched path stacks at most this many gradient entries at once.
+        tau: τ of Algorithm 2.
+        seed: seed of the random start vectors ``u``.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+        >>> nusam = NuclearPerturbation(model, rho=0.1)
+        >>> model(torch.randn(4, 8)).square().mean().backward()
+        >>> nusam.perturb()        # weights are now w + ρ u vᵀ
+        >>> nusam.restore()        # and back to w
+        >>> nusam.held_numel()     # (16 + 8) + (2 + 16): u and v, no copy of the weights
+        42
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        rho: float = 0.05,
+        power_iterations: int = 1,
+        *,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] = DEFAULT_NUCLEAR_EXCLUDE,
+        exclude_modules: Sequence[type[nn.Module]] = (),
+        include_conv: bool = False,
+        batched: bool = True,
+        max_stack_numel: int = DEFAULT_MAX_STACK_NUMEL,
+        tau: float = DEFAULT_TAU,
+        seed: int = 0,
+    ) -> None:
+        if int(power_iterations) != power_iterations or power_iterations < 1:
+            raise ValueError(
+                f"`power_iterations` must be an integer >= 1 (T of Algorithm 2), got {power_iterations}"
+            )
+        if not tau > 0:
+            raise ValueError(f"`tau` must be > 0 (it keeps Algorithm 2 finite), got {tau}")
+        if max_stack_numel < 1:
+            raise ValueError(f"`max_stack_numel` must be >= 1, got {max_stack_numel}")
+        selected = select_matrices(
+            model,
+            include=include,
+            exclude=exclude,
+            exclude_modules=exclude_modules,
+            include_conv=include_conv,
+        )
+        if not selected:
+            raise nothing_to_perturb(
+                model,
+                "νSAM perturbs 2-D weight matrices (pass `include_conv=True` for convolution kernels)",
+            )
+        super().__init__(model, rho, selected)
+        self.power_iterations = int(power_iterations)
+        self.batched = bool(batched)
+        self.max_stack_numel = int(max_stack_numel)
+        self.tau = float(tau)
+        self._groups = self._build_groups(selected, seed)
+        self._skipped: torch.Tensor | int = 0
+
+    # ----------------------------------------------------------------------------- setup
+    @staticmethod
+    def _build_groups(selected: list[SelectedParameter], seed: int) -> list[_ShapeGroup]:
+        generator = torch.Generator().manual_seed(seed)
+        by_key: dict[tuple, list[SelectedParameter]] = {}
+        for item in selected:
+            n, m = _as_matrix(item.parameter.detach()).shape
+            key = (n, m, item.parameter.dtype, item.parameter.device)
+            by_key.setdefault(key, []).append(item)
+        groups = []
+        for (n, m, dtype, device), members in by_key.items():
+            # fp32 vectors for fp32/bf16/fp16 weights, fp64 for fp64 weights
+            vector_dtype = torch.promote_types(dtype, torch.float32)
+            u = torch.randn(len(members), n, generator=generator, dtype=torch.float64)
+            u = (u / torch.linalg.vector_norm(u, dim=1, keepdim=True)).to(vector_dtype)
+            v = torch.zeros(len(members), m, dtype=vector_dtype)
+            groups.append(_ShapeGroup(members, u.to(device), v.to(device)))
+        return groups
+
+    # ----------------------------------------------------------------------------- step
+    def _perturb(self) -> None:
+        estimates = [est for group in self._groups for est in self._estimate(group)]
+        if not estimates:
+            return
+        finite = torch.stack(
+            [torch.isfinite(e.u).all() & torch.isfinite(e.v).all() for e in estimates]
+        ).all()
+        scales = self._matrix_scales([e.sigma for e in estimates])
+        for estimate, scale in zip(estimates, scales, strict=True):
+            self._store(estimate, finite, scale)
+        self._skipped = self._skipped + (~finite).to(torch.int64)
+        for group in self._groups:
+            for row in group.applied_rows:
+                self._add_rank_one(group, row, self.rho)
+
+    def _restore(self) -> None:
+        for group in self._groups:
+            for row in group.applied_rows:
+                self._add_rank_one(group, row, -self.rho)
+            group.applied_rows = []
+
+    def _matrix_scales(self, sigmas: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Per-matrix factor folded into ``v``: none for νSAM (every matrix gets radius ρ)."""
+        return [None] * len(sigmas)
+
+    def _estimate(self, group: _ShapeGroup) -> Iterator[_Estimate]:
+        """Run Algorithm 2 for the members of ``group`` that have a gradient."""
+        rows = [i for i, item in enumerate(group.members) if item.parameter.grad is not None]
+        if not rows:
+            return
+        self._follow_device(group)
+        if not self.batched:
+            for row in rows:
+                grad = _as_matrix(group.members[row].parameter.grad).to(group.u.dtype)
+                u, v, sigma = power_iteration(grad, group.u[row], self.power_iterations, self.tau)
+                yield _Estimate(group, [row], u.unsqueeze(0), v.unsqueeze(0), sigma.reshape(1))
+            return
+        n, m = group.u.shape[1], group.v.shape[1]
+        chunk = max(1, self.max_stack_numel // (n * m))
+        for start in range(0, len(rows), chunk):
+            chunk_rows = rows[start : start + chunk]
+            grads = torch.stack(
+                [_as_matrix(group.members[row].parameter.grad) for row in chunk_rows]
+            ).to(group.u.dtype)
+            u_start = group.u if len(chunk_rows) == len(group.members) else group.u[chunk_rows]
+            u, v, sigma = batched_power_iteration(grads, u_start, self.power_iterations, self.tau)
+            del grads
+            yield _Estimate(group, chunk_rows, u, v, sigma)
+
+    def _store(self, estimate: _Estimate, finite: torch.Tensor, scale: torch.Tensor | None) -> None:
+        """Write the new ``u`` (warm start) and the ``v`` to apply, guarding against bad values.
+
+        On a non-finite step ``u`` keeps its previous value and ``v`` becomes 0, so the step adds
+        nothing. A zero gradient (σ = 0) gives ``v = 0`` and also keeps the previous ``u``, so the
+        warm start never collapses to the zero vector. No host synchronisation is needed.
+        """
+        group, rows = estimate.group, estimate.rows
+        keep_new_u = (finite & (estimate.sigma > 0)).unsqueeze(1)
+        v = estimate.v if scale is None else estimate.v * scale.unsqueeze(1)
+        v = torch.where(finite, v, torch.zeros_like(v))
+        if len(rows) == len(group.members):
+            group.u.copy_(torch.where(keep_new_u, estimate.u, group.u))
+            group.v.copy_(v)
+        else:
+            index = torch.tensor(rows, device=group.u.device)
+            group.u.index_copy_(0, index, torch.where(keep_new_u, estimate.u, group.u[index]))
+            group.v.index_copy_(0, index, v)
+        group.applied_rows.extend(rows)
+
+    @staticmethod
+    def _follow_device(group: _ShapeGroup) -> None:
+        """Keep the vectors on the parameters' device (Lightning moves the model after setup)."""
+        device = group.members[0].parameter.device
+        if group.u.device != device:
+            group.u = group.u.to(device)
+            group.v = group.v.to(device)
+
+    @staticmethod
+    def _add_rank_one(group: _ShapeGroup, row: int, alpha: float) -> None:
+        """``M ← M + alpha · u vᵀ`` in place, without an ``n×m`` temporary for fp32 weights."""
+        weight = group.members[row].parameter.data
+        u, v = group.u[row], group.v[row]
+        if weight.dtype in _LOW_PRECISION or not weight.is_contiguous():
+            # ε is formed in fp32 and rounded once to the weight's dtype (or layout).
+            weight.add_(torch.outer(u, v).mul_(alpha).to(weight.dtype).view(weight.shape))
+        else:
+            weight.view(u.shape[0], v.shape[0]).addr_(u.to(weight.dtype), v.to(weight.dtype), alpha=alpha)
+
+    # ----------------------------------------------------------------------------- accounting
+    def held_tensors(self) -> Iterator[torch.Tensor]:
+        for group in self._groups:
+            yield group.u
+            yield group.v
+
+    def singular_vectors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{name: (u, v)}`` of the last step (``v`` includes any νSAM-Norm scale)."""
+        return {
+            item.name: (group.u[row], group.v[row])
+            for group in self._groups
+            for row, item in enumerate(group.members)
+        }
+
+    # ----------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Counters and the warm-start vectors ``u`` by parameter name (``v`` is recomputed)."""
+        state = super().state_dict()
+        state["u"] = {
+            item.name: group.u[row].detach().cpu().clone()
+            for group in self._groups
+            for row, item in enumerate(group.members)
+        }
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        saved = state_dict["u"]
+        expected = set(self.parameter_names)
+        if set(saved) != expected:
+            missing, unexpected = sorted(expected - set(saved)), sorted(set(saved) - expected)
+            raise ValueError(
+                "state_dict does not match the perturbed matrices: "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        for group in self._groups:
+            for row, item in enumerate(group.members):
+                value = saved[item.name]
+                if value.shape != group.u[row].shape:
+                    raise ValueError(
+                        f"state_dict['u'][{item.name!r}] has shape {tuple(value.shape)}, "
+                        f"expected {tuple(group.u[row].shape)}"
+                    )
+                group.u[row].copy_(value)
+            group.v.zero_()
+
+
+class NuclearNormalizedPerturbation(NuclearPerturbation):
+    """νSAM-Norm (Appendix C.1, eq. 21): matrix ``i`` gets ``ρ σ_i u_i v_iᵀ / √(Σ_j σ_j²)``.
+
+    The SAM perturbation of the rank-1 approximations ``σ_i u_i v_iᵀ`` of the gradients: the
+    Frobenius norm of the whole perturbation is ρ, shared between matrices in proportion to
+    their top singular values ``σ_i`` (estimated by the same power iteration). The factor is
+    folded into the stored ``v_i``, so the state is still ``u`` and ``v`` per matrix.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+        >>> nusam_norm = NuclearNormalizedPerturbation(model, rho=0.1)
+        >>> model(torch.randn(4, 8)).square().mean().backward()
+        >>> nusam_norm.perturb(); nusam_norm.restore()
+    """
+
+    def _matrix_scales(self, sigmas: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        total = torch.sqrt(sum(s.square().sum() for s in sigmas))
+        return [s / (total + self.tau) for s in sigmas]
