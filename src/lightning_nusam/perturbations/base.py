@@ -35,6 +35,10 @@ class Perturbation(abc.ABC):
     (steps whose gradients were not finite, e.g. an fp16 overflow, so nothing was added).
     """
 
+    #: Whether :meth:`restore` returns the weights bit-exactly (it copies them back) rather
+    #: than subtracting ``ε`` (which rounds; see the m-SAM re-synchronisation of the callbacks).
+    exact_restore: bool = False
+
     def __init__(self, model: nn.Module, rho: float, selected: list[SelectedParameter]) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")

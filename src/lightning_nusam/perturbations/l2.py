@@ -52,6 +52,8 @@ class L2Perturbation(Perturbation):
         True
     """
 
+    exact_restore = True
+
     def __init__(
         self,
         model: nn.Module,

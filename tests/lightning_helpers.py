@@ -1,0 +1,87 @@
+"""Small Lightning modules and data shared by the Lightning tests."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_nusam import SAMMixin
+
+
+def classification_data(n: int = 48, features: int = 6, classes: int = 3, seed: int = 0) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(n, features, generator=generator)
+    labels = (inputs[:, :classes] + 0.3 * torch.randn(n, classes, generator=generator)).argmax(1)
+    return TensorDataset(inputs, labels)
+
+
+def make_net(features: int = 6, classes: int = 3, batchnorm: bool = False, dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(features, 16)]
+    if batchnorm:
+        layers.append(nn.BatchNorm1d(16))
+    layers += [nn.Tanh(), nn.Dropout(dropout), nn.Linear(16, 16), nn.LayerNorm(16), nn.Tanh(),
+               nn.Linear(16, classes)]
+    return nn.Sequential(*layers)
+
+
+class Classifier(SAMMixin, L.LightningModule):
+    """A small classifier; counts compute_loss calls and can record what each pass saw."""
+
+    def __init__(
+        self,
+        net: nn.Module | None = None,
+        lr: float = 0.05,
+        optimizer: str = "sgd",
+        scheduler: dict | None = None,
+        **mixin_kwargs,
+    ) -> None:
+        super().__init__(**mixin_kwargs)
+        self.net = net if net is not None else make_net()
+        self.lr, self.optimizer_name, self.scheduler = lr, optimizer, scheduler
+        self.loss_calls = 0
+        self.inject_inf_at_step: int | None = None
+
+    def compute_loss(self, batch, batch_idx):
+        inputs, labels = batch
+        self.loss_calls += 1
+        logits = self.net(inputs)
+        loss = nn.functional.cross_entropy(logits, labels)
+        first_pass_of_step = self.loss_calls % 2 == 1
+        if self.inject_inf_at_step == self.global_step and first_pass_of_step:
+            loss = loss * float("inf")
+        return {"loss": loss, "accuracy": (logits.detach().argmax(1) == labels).float().mean()}
+
+    def validation_step(self, batch, batch_idx):
+        inputs, labels = batch
+        self.log("val/loss", nn.functional.cross_entropy(self.net(inputs), labels))
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "sgd":
+            optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        else:
+            optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr)
+        if self.scheduler is None:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, **self.scheduler}}
+
+
+def trainer(**kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def loader(dataset: TensorDataset, batch_size: int = 8) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False)

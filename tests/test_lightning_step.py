@@ -1,0 +1,170 @@
+import copy
+
+import pytest
+import torch
+from lightning.pytorch.plugins import MixedPrecision
+from lightning_helpers import Classifier, classification_data, loader, make_net, trainer
+from torch import nn
+
+from lightning_nusam import SAM, SAMON, NuSAM, NuSAMNorm
+from lightning_nusam.perturbations import L2Perturbation, NuclearPerturbation
+
+
+def plain_two_pass_loop(net, perturbation_cls, rho, dataset, steps, batch_size=8, lr=0.05):
+    """The reference: the core's perturbation in a hand-written loop, no Lightning."""
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
+    perturbation = perturbation_cls(net, rho=rho) if perturbation_cls else None
+    inputs, labels = dataset.tensors
+    for step in range(steps):
+        x = inputs[step * batch_size : (step + 1) * batch_size]
+        y = labels[step * batch_size : (step + 1) * batch_size]
+        nn.functional.cross_entropy(net(x), y).backward()
+        if perturbation is not None:
+            perturbation.perturb()
+            net.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(net(x), y).backward()
+            perturbation.restore()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return net
+
+
+def max_weight_difference(a: nn.Module, b: nn.Module) -> float:
+    with torch.no_grad():
+        return max(float((x - y).abs().max()) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+
+
+@pytest.mark.parametrize(
+    ("callback", "perturbation_cls"),
+    [(NuSAM(rho=0.2), NuclearPerturbation), (SAM(rho=0.1), L2Perturbation), (None, None)],
+)
+def test_lightning_step_equals_plain_pytorch_loop(callback, perturbation_cls):
+    dataset = classification_data()
+    module = Classifier()
+    reference = plain_two_pass_loop(copy.deepcopy(module.net), perturbation_cls,
+                                    callback.rho if callback else 0, dataset, steps=6)
+    trainer(callbacks=[callback] if callback else []).fit(module, loader(dataset))
+    assert module.global_step == 6
+    assert module.loss_calls == (12 if callback else 6)
+    assert max_weight_difference(module.net, reference) == 0.0
+
+
+def test_start_epoch_gives_plain_steps_before_and_two_passes_after():
+    module = Classifier()
+    fit = trainer(max_epochs=3, callbacks=[NuSAM(rho=0.1, start_epoch=2)])
+    fit.fit(module, loader(classification_data()))
+    assert fit.global_step == 18
+    assert module.loss_calls == 6 + 6 + 12
+
+
+def test_start_fraction_counts_planned_steps():
+    module = Classifier()
+    callback = SAM(rho=0.1, start_fraction=0.5)
+    fit = trainer(max_steps=10, max_epochs=-1, callbacks=[callback])
+    fit.fit(module, loader(classification_data()))
+    assert fit.global_step == 10
+    assert module.loss_calls == 5 + 2 * 5
+
+
+def test_warns_when_the_start_is_never_reached():
+    with pytest.warns(UserWarning, match="never"):
+        trainer(max_epochs=1, callbacks=[NuSAM(rho=0.1, start_epoch=3)]).fit(
+            Classifier(), loader(classification_data()))
+
+
+@pytest.mark.parametrize(("interval", "frequency", "expected_steps"), [("step", 2, 3), ("epoch", 1, 2)])
+def test_lr_scheduler_and_global_step_advance_once_per_step(interval, frequency, expected_steps):
+    module = Classifier(scheduler={"interval": interval, "frequency": frequency})
+    fit = trainer(max_epochs=2 if interval == "epoch" else 1, callbacks=[NuSAM(rho=0.1)],
+                  limit_train_batches=6)
+    fit.fit(module, loader(classification_data()))
+    assert fit.global_step == 6 * (2 if interval == "epoch" else 1)
+    scheduler = fit.lr_scheduler_configs[0].scheduler
+    assert scheduler.last_epoch == expected_steps
+    assert fit.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05 * 0.5**expected_steps)
+
+
+def test_batchnorm_running_stats_come_from_the_first_pass_only():
+    dataset = classification_data()
+    module = Classifier(net=make_net(batchnorm=True))
+    one_pass = copy.deepcopy(module.net).train()
+    one_pass(dataset.tensors[0][:8])
+    trainer(max_steps=1, callbacks=[NuSAM(rho=0.5)]).fit(module, loader(dataset))
+    assert module.loss_calls == 2
+    bn, expected = module.net[1], one_pass[1]
+    assert torch.equal(bn.running_mean, expected.running_mean)
+    assert torch.equal(bn.running_var, expected.running_var)
+    assert int(bn.num_batches_tracked) == 1 and bn.track_running_stats
+
+    both = Classifier(net=make_net(batchnorm=True))
+    trainer(max_steps=1, callbacks=[NuSAM(rho=0.5, batchnorm_update="both")]).fit(both, loader(dataset))
+    assert int(both.net[1].num_batches_tracked) == 2
+
+
+def test_clipping_happens_on_unscaled_second_pass_gradients():
+    dataset = classification_data()
+    module = Classifier(lr=1.0, gradient_clip_val=1e-3)
+    before = copy.deepcopy(module.net)
+
+    def plain_sgd():
+        return torch.optim.SGD(module.parameters(), lr=1.0)
+
+    module.configure_optimizers = plain_sgd
+    fit = trainer(max_steps=1, callbacks=[SAM(rho=0.05)],
+                  plugins=[MixedPrecision("16-mixed", "cpu")])
+    fit.fit(module, loader(dataset))
+    step = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(module.net.parameters(),
+                                                               before.parameters(), strict=True)))
+    # the update is lr × the clipped gradient: its norm is the clip value (not clip/scale)
+    assert step.item() == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_fp16_inf_in_first_pass_skips_the_perturbation_cleanly():
+    module = Classifier()
+    module.inject_inf_at_step = 2
+    callback = NuSAM(rho=0.1)
+    fit = trainer(max_steps=5, callbacks=[callback], plugins=[MixedPrecision("16-mixed", "cpu")])
+    fit.fit(module, loader(classification_data()))
+    assert fit.global_step == 5
+    assert callback.perturbation.skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert all(torch.isfinite(u).all() and torch.isfinite(v).all()
+               for u, v in callback.perturbation.singular_vectors().values())
+
+
+def test_bf16_mixed_trains():
+    module = Classifier(optimizer="adamw", lr=1e-2)
+    dataset = classification_data(n=96)
+    fit = trainer(max_epochs=4, precision="bf16-mixed", callbacks=[NuSAM(rho=0.05)])
+    fit.fit(module, loader(dataset))
+    assert fit.callback_metrics["train/loss_epoch"] < 0.9  # ln(3) = 1.10 at chance
+    assert fit.callback_metrics["sam/active_epoch"] == 1.0
+    assert torch.isfinite(fit.callback_metrics["sam/sharpness_epoch"])
+
+
+@pytest.mark.parametrize("callback_cls", [NuSAM, NuSAMNorm, SAM, SAMON])
+def test_every_callback_trains_and_logs(callback_cls):
+    module = Classifier()
+    fit = trainer(max_steps=3, callbacks=[callback_cls(rho=0.05)])
+    fit.fit(module, loader(classification_data()))
+    for key in ("train/loss_step", "sam/loss_perturbed_step", "sam/sharpness_step", "sam/active_step",
+                "sam/rho_step", "sam/skipped_steps_step", "train/accuracy_step"):
+        assert key in fit.callback_metrics, key
+
+
+def test_exception_in_second_pass_leaves_weights_unperturbed():
+    module = Classifier()
+    before = copy.deepcopy(module.net)
+    original = module.compute_loss
+
+    def first_then_fail(batch, batch_idx):
+        if module.loss_calls == 0:
+            return original(batch, batch_idx)
+        raise RuntimeError("boom in the second pass")
+
+    module.compute_loss = first_then_fail
+    callback = NuSAM(rho=1.0)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer(max_steps=1, callbacks=[callback]).fit(module, loader(classification_data()))
+    assert not callback.perturbation.is_perturbed
+    assert max_weight_difference(module.net, before) < 1e-6
