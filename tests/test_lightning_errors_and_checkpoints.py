@@ -5,10 +5,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning_helpers import Classifier, classification_data, loader, make_net, trainer
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lightning_helpers import Classifier, classification_data, loader, make_net, trainer
 from lightning_nusam import SAM, SAMON, NuSAM, SAMMixin
 from lightning_nusam.data import ResumableDataLoader
 
@@ -83,7 +83,8 @@ def test_module_without_compute_loss():
 
 @pytest.mark.parametrize(
     ("kwargs", "argument"),
-    [({"rho": -1.0}, "rho"), ({"start_epoch": -1}, "start_epoch"), ({"start_fraction": 1.5}, "start_fraction"),
+    [({"rho": -1.0}, "rho"), ({"start_epoch": -1}, "start_epoch"),
+     ({"start_fraction": 1.5}, "start_fraction"),
      ({"power_iterations": 0}, "power_iterations"), ({"batchnorm_update": "never"}, "batchnorm_update"),
      ({"resync_every": -2}, "resync_every")],
 )
@@ -152,8 +153,10 @@ def test_resume_mid_epoch_is_bit_identical_to_an_uninterrupted_run(tmp_path, res
         assert torch.equal(u, resumed_sam.perturbation.singular_vectors()[name][0])
 
 
-def test_lightning_cli_optimizer_and_scheduler_sections_are_stepped(tmp_path):
+def test_lightning_cli_optimizer_and_scheduler_sections_are_stepped(tmp_path, monkeypatch):
     from lightning.pytorch.cli import LightningCLI
+
+    monkeypatch.setattr("sys.argv", ["nusam"])
 
     class CLIClassifier(Classifier):
         def __init__(self):

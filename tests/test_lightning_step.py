@@ -3,9 +3,9 @@ import copy
 import pytest
 import torch
 from lightning.pytorch.plugins import MixedPrecision
-from lightning_helpers import Classifier, classification_data, loader, make_net, trainer
 from torch import nn
 
+from lightning_helpers import Classifier, classification_data, loader, make_net, trainer
 from lightning_nusam import SAM, SAMON, NuSAM, NuSAMNorm
 from lightning_nusam.perturbations import L2Perturbation, NuclearPerturbation
 

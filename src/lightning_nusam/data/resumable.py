@@ -169,4 +169,5 @@ class ResumableDataLoader(DataLoader):
                 f"{sampler.seed}; pass the same `seed` to resume the same order"
             )
         sampler.set_epoch(int(state_dict["epoch"]))
-        sampler.skip_samples(int(state_dict["epoch"]), int(state_dict["batches_seen"]) * (self.batch_size or 1))
+        seen = int(state_dict["batches_seen"]) * (self.batch_size or 1)
+        sampler.skip_samples(int(state_dict["epoch"]), seen)
