@@ -33,10 +33,11 @@ class Recorder(Callback):
 
 def main(out_dir: str, mode: str, steps: int) -> None:
     sync = mode == "sync"
-    sam = NuSAM(rho=0.5, sync_first_pass=sync, resync_every=0 if sync else 3)
+    resync_every = {"sync": 0, "msam": 3, "msam-noresync": 0}[mode]
+    sam = NuSAM(rho=0.5, sync_first_pass=sync, resync_every=resync_every)
     recorder = Recorder(sam)
     module = Classifier()
-    run = trainer(strategy="ddp", devices=2, max_steps=steps, callbacks=[sam, recorder])
+    run = trainer(strategy="ddp", devices=2, max_steps=steps, max_epochs=-1, callbacks=[sam, recorder])
     run.fit(module, ResumableDataLoader(classification_data(), batch_size=4, shuffle=False))
     rank = run.global_rank
     torch.save(
