@@ -1,0 +1,256 @@
+"""Data modules: scikit-learn's digits (embedded, no download) and CIFAR-10/100.
+
+The training loaders are :class:`~lightning_nusam.data.ResumableDataLoader`, so a run resumed
+mid-epoch continues with the same data order. Augmentation and normalisation are torchvision's
+``transforms.v2`` on uint8 tensors; nothing here re-implements what torchvision does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from lightning_nusam.data.resumable import ResumableDataLoader
+
+#: Published per-channel mean/std of the training sets, in [0, 1].
+CIFAR_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+
+class ImageArrayDataset(Dataset):
+    """Images as an ``(N, C, H, W)`` tensor (uint8 or float) with integer labels and a transform."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable | None = None):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.images[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[index])
+
+
+def _split(n: int, sizes: Sequence[int], seed: int) -> list[torch.Tensor]:
+    """Disjoint index sets of the given sizes from a seeded permutation of ``range(n)``."""
+    permutation = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return list(permutation[: sum(sizes)].split(list(sizes)))
+
+
+class _ImageDataModule(pl.LightningDataModule):
+    """Shared loaders: resumable shuffled training, fixed-order evaluation."""
+
+    train_set: Dataset
+    val_set: Dataset
+    test_set: Dataset
+
+    def __init__(self, batch_size: int, eval_batch_size: int | None, num_workers: int, seed: int) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+
+    def _loader_options(self) -> dict:
+        return {
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+            "pin_memory": torch.cuda.is_available(),
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        return ResumableDataLoader(
+            self.train_set, batch_size=self.batch_size, shuffle=True, seed=self.seed,
+            drop_last=len(self.train_set) > self.batch_size, **self._loader_options(),
+        )
+
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=self.eval_batch_size, shuffle=False,
+            generator=torch.Generator().manual_seed(self.seed),  # never draws the global RNG
+            **self._loader_options(),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.test_set)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.test_set)
+
+
+class DigitsDataModule(_ImageDataModule):
+    """scikit-learn's bundled 8×8 handwritten digits (1,797 images, 10 classes): no download.
+
+    A fixed, seeded split into train/val/test; pixels (0..16) are scaled to [0, 1] and
+    normalised with the training split's mean and std. Images are ``(1, 8, 8)``.
+
+    Example:
+        >>> data = DigitsDataModule(batch_size=32)
+        >>> data.setup("fit")
+        >>> images, labels = next(iter(data.train_dataloader()))
+        >>> tuple(images.shape), len(data.train_set), len(data.val_set), len(data.test_set)
+        ((32, 1, 8, 8), 1257, 180, 360)
+    """
+
+    num_classes = 10
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        val_size: int = 180,
+        test_size: int = 360,
+        num_workers: int = 0,
+        seed: int = 0,
+        split_seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size, eval_batch_size, num_workers, seed)
+        self.val_size, self.test_size, self.split_seed = val_size, test_size, split_seed
+
+    def setup(self, stage: str | None = None) -> None:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        labels = torch.as_tensor(digits.target, dtype=torch.int64)
+        train_size = len(labels) - self.val_size - self.test_size
+        train, val, test = _split(len(labels), [train_size, self.val_size, self.test_size], self.split_seed)
+        mean, std = images[train].mean(), images[train].std()
+        normalise = v2.Normalize([float(mean)], [float(std)])
+        self.train_set = ImageArrayDataset(images[train], labels[train], normalise)
+        self.val_set = ImageArrayDataset(images[val], labels[val], normalise)
+        self.test_set = ImageArrayDataset(images[test], labels[test], normalise)
+
+
+def load_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """``images`` uint8 ``(N, 32, 32, 3)`` and ``labels`` from an ``.npz`` → NCHW uint8, int64."""
+    with np.load(path) as arrays:
+        images, labels = arrays["images"], arrays["labels"]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"{path}: `images` must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels).long()
+
+
+class CIFARDataModule(_ImageDataModule):
+    """CIFAR-10 / CIFAR-100 from torchvision (downloaded on demand) or from local ``.npz`` files.
+
+    Args:
+        dataset: ``"cifar10"`` or ``"cifar100"``.
+        data_dir: where torchvision keeps (and, with ``download=True``, downloads) the dataset.
+        npz_dir: a folder with ``train.npz`` and ``test.npz`` (``images`` uint8 N×32×32×3,
+            ``labels``), used instead of torchvision when given.
+        download: let torchvision download the dataset when it is missing.
+        augment: random crop (32, 4-pixel padding) and horizontal flip for training.
+        auto_augment: also AutoAugment with the CIFAR-10 policy.
+        resize: resize images to this size (fine-tuning 224-pixel ImageNet models).
+        val_size: hold out this many training images for validation (seeded split); 0
+            validates on the test set, as the paper reports test accuracy of the best epoch.
+        subset: use only this many training images (a seeded subset), for quick runs.
+        eval_subset: use only this many validation/test images.
+        batch_size, eval_batch_size, num_workers: loader settings.
+        seed: data order of the training loader (epoch ``e`` uses ``seed + e``).
+        split_seed: seed of the subset/validation split.
+
+    For example, ``CIFARDataModule(npz_dir="../shared/data/cifar10", subset=5000)`` trains on a
+    seeded fifth of the local copy of CIFAR-10 and evaluates on its test set.
+    """
+
+    def __init__(
+        self,
+        dataset: Literal["cifar10", "cifar100"] = "cifar10",
+        data_dir: str = "data",
+        npz_dir: str | None = None,
+        download: bool = True,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 4,
+        augment: bool = True,
+        auto_augment: bool = False,
+        resize: int | None = None,
+        val_size: int = 0,
+        subset: int | None = None,
+        eval_subset: int | None = None,
+        seed: int = 0,
+        split_seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size, eval_batch_size, num_workers, seed)
+        if dataset not in CIFAR_STATS:
+            raise ValueError(f"`dataset` must be 'cifar10' or 'cifar100', got {dataset!r}")
+        self.dataset = dataset
+        self.num_classes = 10 if dataset == "cifar10" else 100
+        self.data_dir, self.npz_dir, self.download = data_dir, npz_dir, download
+        self.augment, self.auto_augment, self.resize = augment, auto_augment, resize
+        self.val_size, self.subset, self.eval_subset = val_size, subset, eval_subset
+        self.split_seed = split_seed
+
+    def prepare_data(self) -> None:
+        if self.npz_dir is None:
+            self._torchvision_split(train=True)
+            self._torchvision_split(train=False)
+
+    def _torchvision_split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        from torchvision import datasets
+
+        cls = datasets.CIFAR10 if self.dataset == "cifar10" else datasets.CIFAR100
+        data = cls(self.data_dir, train=train, download=self.download)
+        return torch.from_numpy(data.data).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(data.targets)
+
+    def load_split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 NCHW images and labels of the train or test split."""
+        if self.npz_dir is None:
+            return self._torchvision_split(train)
+        path = Path(self.npz_dir).expanduser() / ("train.npz" if train else "test.npz")
+        if not path.is_file():
+            raise FileNotFoundError(f"`npz_dir`: {path} does not exist")
+        return load_npz(path)
+
+    def transforms(self, train: bool) -> v2.Compose:
+        mean, std = CIFAR_STATS[self.dataset]
+        steps: list[Callable] = []
+        if train and self.augment:
+            steps += [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()]
+        if train and self.auto_augment:
+            steps.append(v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10))
+        if self.resize is not None:
+            steps.append(v2.Resize(self.resize, antialias=True))
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+        return v2.Compose(steps)
+
+    def setup(self, stage: str | None = None) -> None:
+        images, labels = self.load_split(train=True)
+        test_images, test_labels = self.load_split(train=False)
+        n_train = len(labels) - self.val_size if self.subset is None else self.subset
+        if n_train + self.val_size > len(labels):
+            raise ValueError(
+                f"`subset` ({self.subset}) + `val_size` ({self.val_size}) exceed the {len(labels)} "
+                "training images"
+            )
+        train, val = _split(len(labels), [n_train, self.val_size], self.split_seed)
+        self.train_set = ImageArrayDataset(images[train], labels[train], self.transforms(train=True))
+        if self.eval_subset is not None:
+            keep = _split(len(test_labels), [min(self.eval_subset, len(test_labels))], self.split_seed)[0]
+            test_images, test_labels = test_images[keep], test_labels[keep]
+            val = val[: self.eval_subset]
+        self.test_set = ImageArrayDataset(test_images, test_labels, self.transforms(train=False))
+        if self.val_size > 0:
+            self.val_set = ImageArrayDataset(images[val], labels[val], self.transforms(train=False))
+        else:
+            self.val_set = self.test_set
