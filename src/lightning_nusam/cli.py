@@ -1,0 +1,39 @@
+"""The ``nusam`` command: LightningCLI with ``fit``, ``validate``, ``test`` and ``predict``.
+
+Model, data and callbacks come from YAML (``-c``, composable) or the command line::
+
+    nusam fit -c configs/cifar10/mixer_s4.yaml -c configs/methods/nusam.yaml
+    nusam fit -c configs/quickstart.yaml --trainer.max_epochs 5
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+
+class NuSAMCLI(LightningCLI):
+    """LightningCLI taking any LightningModule / LightningDataModule by ``class_path``."""
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> NuSAMCLI:
+    return NuSAMCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    cli_main(argv)
+
+
+if __name__ == "__main__":
+    main()
