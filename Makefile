@@ -20,7 +20,7 @@ test: install lint
 	$(PY) -m pytest
 
 demo: install
-	$(PY) examples/plain_pytorch.py
+	$(PY) -m lightning_nusam.demo --config configs/quickstart.yaml
 
 clean:
 	rm -rf $(VENV) runs lightning_logs .pytest_cache .ruff_cache
