@@ -1,0 +1,99 @@
+"""Every YAML config parses and runs one step at reduced size through the `nusam` CLI."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_nusam.cli import cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+MODEL_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "methods")
+METHOD_CONFIGS = sorted((CONFIGS / "methods").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def fake_cifar(tmp_path_factory) -> Path:
+    """A tiny CIFAR-shaped .npz pair (labels 0..9, valid for CIFAR-10 and CIFAR-100 heads)."""
+    folder = tmp_path_factory.mktemp("fake_cifar")
+    generator = np.random.default_rng(0)
+    for split, n in (("train", 64), ("test", 32)):
+        images = generator.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+        np.savez(folder / f"{split}.npz", images=images, labels=np.arange(n) % 10)
+    return folder
+
+
+def reduced_size_arguments(config: Path, tmp_path: Path, fake_cifar: Path) -> list[str]:
+    text = config.read_text()
+    # two steps: the methods start after 10% of the steps, so the second step perturbs
+    args = ["--trainer.fast_dev_run=2", "--trainer.accelerator=cpu", "--trainer.devices=1",
+            "--trainer.precision=32-true", f"--trainer.default_root_dir={tmp_path}"]
+    if "mixer_b16" in text:  # timm's Mixer entry points fix the width: build the class instead
+        args += ["--model.init_args.model_name=timm.models.mlp_mixer.MlpMixer",
+                 "--model.init_args.patch_size=16"]
+    if "MlpMixer" in text or "mixer_b16" in text:
+        args.append('--model.init_args.model_kwargs={"num_blocks": 1, "embed_dim": 32}')
+    else:
+        args.append('--model.init_args.model_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2}')
+    if "CIFARDataModule" in text:
+        args += [f"--data.init_args.npz_dir={fake_cifar}", "--data.init_args.batch_size=4",
+                 "--data.init_args.num_workers=0", "--data.init_args.auto_augment=false"]
+    if "resize: 224" in text:
+        args.append("--data.init_args.resize=64")
+        args.append("--model.init_args.img_size=64")
+    if "pretrained_file" in text:
+        args.append(f"--model.init_args.pretrained_file={make_weights(config, tmp_path)}")
+    return args
+
+
+def make_weights(config: Path, tmp_path: Path) -> Path:
+    """An 'ImageNet' checkpoint (1000 classes) of the reduced architecture, saved locally."""
+    import timm
+    from timm.models.mlp_mixer import MlpMixer
+
+    path = tmp_path / "imagenet_weights.pth"
+    if "mixer" in config.name:
+        model = MlpMixer(img_size=64, patch_size=16, num_blocks=1, embed_dim=32, num_classes=1000)
+    else:
+        model = timm.create_model("vit_base_patch16_224", img_size=64, depth=1, embed_dim=32, num_heads=2)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("config", MODEL_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_config_runs_one_fast_step(config, tmp_path, fake_cifar):
+    args = ["fit", "-c", str(config)]
+    if "callbacks" not in config.read_text():
+        args += ["-c", str(CONFIGS / "methods" / "nusam.yaml")]
+    cli_main([*args, *reduced_size_arguments(config, tmp_path, fake_cifar)])
+
+
+@pytest.mark.parametrize("method", METHOD_CONFIGS, ids=lambda p: p.stem)
+def test_every_method_composes_with_a_model_config(method, tmp_path, fake_cifar):
+    model = CONFIGS / "cifar10" / "mixer_s4.yaml"
+    cli = cli_main(["-c", str(model), "-c", str(method),
+                    *reduced_size_arguments(model, tmp_path, fake_cifar)], run=False)
+    names = [type(cb).__name__ for cb in cli.trainer.callbacks]
+    expected = {"adamw": None, "sam": "SAM", "samon": "SAMON", "nusam": "NuSAM"}[method.stem]
+    assert (expected in names) if expected else not any(n in names for n in ("SAM", "SAMON", "NuSAM"))
+    assert "ModelCheckpoint" in names and "LearningRateMonitor" in names
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+
+
+def test_validate_test_and_predict_subcommands(tmp_path):
+    config = str(CONFIGS / "quickstart.yaml")
+    common = ["--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}"]
+    for subcommand in ("validate", "test", "predict"):
+        cli_main([subcommand, "-c", config, *common])
+
+
+def test_console_script_and_module_entry_point():
+    for command in ([sys.executable, "-m", "lightning_nusam", "--help"],
+                    [str(Path(sys.executable).parent / "nusam"), "fit", "--help"]):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "fit" in result.stdout or "--trainer" in result.stdout
