@@ -320,3 +320,44 @@ def test_model_with_nothing_to_perturb_raises():
         NuclearPerturbation(TinyViTLike(), rho=0.1, include=["nothing*"])
     with pytest.raises(TypeError, match="`include`"):
         NuclearPerturbation(TinyViTLike(), rho=0.1, include="*fc1*")
+
+
+def largest_allocation_bytes(nusam: NuclearPerturbation) -> int:
+    """Largest single CPU allocation made by one perturb()/restore() round (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    nusam.perturb()
+    nusam.restore()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        nusam.perturb()
+        nusam.restore()
+    return max((event.cpu_memory_usage for event in prof.events()), default=0)
+
+
+def test_no_gradient_sized_temporary_for_large_matrices():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512))
+    model(torch.randn(4, 256)).sum().backward()
+    matrix_bytes = 512 * 512 * 4
+    assert largest_allocation_bytes(NuclearPerturbation(model, rho=0.1, batched="auto")) < matrix_bytes // 64
+    assert largest_allocation_bytes(NuclearPerturbation(model, rho=0.1, batched=False)) < matrix_bytes // 64
+    # the measurement does see a stacked copy when batching is forced on the two 512x512 matrices
+    assert largest_allocation_bytes(NuclearPerturbation(model, rho=0.1, batched=True)) >= 2 * matrix_bytes
+
+
+def test_auto_batches_only_small_repeated_shapes():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(6)], nn.Linear(16, 300), nn.Linear(300, 300),
+                          nn.Linear(300, 300))
+    model(torch.randn(2, 16)).sum().backward()
+    auto = NuclearPerturbation(model, rho=0.1, batched="auto")
+    loop = NuclearPerturbation(copy.deepcopy(model), rho=0.1, batched=False)
+    for name, p in zip(loop.parameter_names, loop.parameters, strict=True):
+        p.grad = dict(model.named_parameters())[name].grad.clone()
+    auto.perturb()
+    loop.perturb()
+    for name in auto.parameter_names:
+        torch.testing.assert_close(auto.singular_vectors()[name][0], loop.singular_vectors()[name][0],
+                                   rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="`batched`"):
+        NuclearPerturbation(model, rho=0.1, batched="sometimes")

@@ -234,7 +234,8 @@ class NuSAM(SharpnessAwareCallback):
         power_iterations: T of Algorithm 2 (the paper: 1, warm-started).
         include, exclude, include_conv: parameter selection, see
             :class:`~lightning_nusam.perturbations.NuclearPerturbation`.
-        batched: batched power iteration per shape group (default) or a per-matrix loop.
+        batched: ``"auto"`` (batched ``bmm`` for small repeated shapes, a loop for the rest),
+            ``True`` or ``False``; see :class:`~lightning_nusam.perturbations.NuclearPerturbation`.
         seed: seed of the initial vectors ``u``.
         **kwargs: the start, DDP and BatchNorm options of :class:`SharpnessAwareCallback`.
 
@@ -258,7 +259,7 @@ class NuSAM(SharpnessAwareCallback):
         include: Sequence[str] | None = None,
         exclude: Sequence[str] = DEFAULT_NUCLEAR_EXCLUDE,
         include_conv: bool = False,
-        batched: bool = True,
+        batched: bool | Literal["auto"] = "auto",
         seed: int = 0,
         start_epoch: int | None = None,
         start_fraction: float | None = None,

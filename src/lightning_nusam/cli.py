@@ -4,6 +4,7 @@ Model, data and callbacks come from YAML (``-c``, composable) or the command lin
 
     nusam fit -c configs/cifar10/mixer_s4.yaml -c configs/methods/nusam.yaml
     nusam fit -c configs/quickstart.yaml --trainer.max_epochs 5
+    nusam memory --model vit_base_patch16_224      # the paper's Table 1 for any timm model
 """
 
 from __future__ import annotations
@@ -31,7 +32,13 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> NuSAMCLI:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``nusam memory ...`` prints the memory report; everything else goes to LightningCLI."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["memory"]:
+        from lightning_nusam.memory import main as memory_main
+
+        memory_main(argv[1:])
+        return
     cli_main(argv)
 
 

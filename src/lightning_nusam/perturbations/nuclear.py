@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -31,8 +31,13 @@ from lightning_nusam.perturbations.selection import (
 )
 
 #: Largest number of gradient entries stacked at once by the batched power iteration
-#: (16 Mi numbers = 64 MiB in fp32); larger shape groups are processed in chunks.
-DEFAULT_MAX_STACK_NUMEL = 1 << 24
+#: (1 Mi numbers = 4 MiB in fp32); larger shape groups are processed in chunks.
+DEFAULT_MAX_STACK_NUMEL = 1 << 20
+
+#: With ``batched="auto"``, matrices up to this many entries are stacked and batched: there the
+#: cost is dispatch overhead, which ``bmm`` saves. Larger matrices go through the loop, which
+#: reads each gradient in place (stacking would copy it, and the matvec is memory-bound).
+AUTO_BATCH_MAX_NUMEL = 1 << 16
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -82,7 +87,9 @@ class NuclearPerturbation(Perturbation):
         include_conv: also perturb convolution kernels, each as an ``(out, in·kh·kw)`` matrix
             (off by default, as in the paper, which skips the ViT's patch convolution).
         batched: run the power iteration as one ``bmm`` per group of equally shaped matrices
-            (``True``) or as a plain per-matrix loop (``False``); both give the same numbers.
+            (``True``), as a plain per-matrix loop (``False``), or batched for small matrices
+            only (``"auto"``, default: at most ``AUTO_BATCH_MAX_NUMEL`` entries each); all give
+            the same numbers. The loop allocates no temporary of a gradient's size.
         max_stack_numel: the batched path stacks at most this many gradient entries at once.
         tau: τ of Algorithm 2.
         seed: seed of the random start vectors ``u``.
@@ -107,7 +114,7 @@ class NuclearPerturbation(Perturbation):
         exclude: Sequence[str] = DEFAULT_NUCLEAR_EXCLUDE,
         exclude_modules: Sequence[type[nn.Module]] = (),
         include_conv: bool = False,
-        batched: bool = True,
+        batched: bool | Literal["auto"] = "auto",
         max_stack_numel: int = DEFAULT_MAX_STACK_NUMEL,
         tau: float = DEFAULT_TAU,
         seed: int = 0,
@@ -134,7 +141,9 @@ class NuclearPerturbation(Perturbation):
             )
         super().__init__(model, rho, selected)
         self.power_iterations = int(power_iterations)
-        self.batched = bool(batched)
+        if batched not in (True, False, "auto"):
+            raise ValueError(f"`batched` must be True, False or 'auto', got {batched!r}")
+        self.batched = batched
         self.max_stack_numel = int(max_stack_numel)
         self.tau = float(tau)
         self._groups = self._build_groups(selected, seed)
@@ -191,13 +200,21 @@ class NuclearPerturbation(Perturbation):
         if not rows:
             return
         self._follow_device(group)
-        if not self.batched:
-            for row in rows:
-                grad = _as_matrix(group.members[row].parameter.grad).to(group.u.dtype)
-                u, v, sigma = power_iteration(grad, group.u[row], self.power_iterations, self.tau)
-                yield _Estimate(group, [row], u.unsqueeze(0), v.unsqueeze(0), sigma.reshape(1))
-            return
         n, m = group.u.shape[1], group.v.shape[1]
+        batched = self.batched if self.batched != "auto" else n * m <= AUTO_BATCH_MAX_NUMEL
+        if not batched or len(rows) == 1:
+            results = [
+                power_iteration(
+                    _as_matrix(group.members[row].parameter.grad).to(group.u.dtype),
+                    group.u[row],
+                    self.power_iterations,
+                    self.tau,
+                )
+                for row in rows
+            ]
+            u, v, sigma = (torch.stack(parts) for parts in zip(*results, strict=True))
+            yield _Estimate(group, rows, u, v, sigma)
+            return
         chunk = max(1, self.max_stack_numel // (n * m))
         for start in range(0, len(rows), chunk):
             chunk_rows = rows[start : start + chunk]

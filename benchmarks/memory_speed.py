@@ -1,0 +1,340 @@
+"""Memory and speed of νSAM against AdamW, a two-pass floor and a peer SAM implementation.
+
+One fresh process per (model, method) measures: the median time of a training step after
+warm-up, the peak memory (CPU: peak RSS of the process; CUDA: ``max_memory_allocated``) and the
+numbers the perturbation holds. The parent process collects the rows, computes the ratios of the
+same run (method / AdamW, method / peer SAM, method / two passes without perturbation) and writes
+a markdown table, a JSON file and a PNG chart under ``benchmarks/results/`` named by device.
+
+    python benchmarks/memory_speed.py                   # quick: ViT-S/4 and Mixer-S/4 on CPU
+    python benchmarks/memory_speed.py --full            # + ViT-B/4, Mixer-B/4, ViT-B/4 at batch 2
+    python benchmarks/memory_speed.py --device cuda --precision bf16 --batch-size 128
+
+Methods: ``adamw`` (one pass), ``two_pass`` (two forward/backward passes, no perturbation: the
+floor for any SAM), ``peer_sam`` (``pytorch_optimizer.SAM``), ``sam``, ``samon``, ``nusam_t1``,
+``nusam_t5`` and ``nusam_norm`` (this package's perturbations). All use AdamW as the base
+optimizer and a plain PyTorch loop, so the differences are the perturbations alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+METHODS = ["adamw", "two_pass", "peer_sam", "sam", "samon", "nusam_t1", "nusam_t5", "nusam_norm"]
+MODELS = {  # the paper's Table 6 architectures at 32x32, and a tiny ViT for smoke tests
+    "vit_t4": ("vit_tiny_patch16_224", {"depth": 2}),
+    "vit_s4": ("vit_small_patch16_224", {}),
+    "vit_b4": ("vit_base_patch16_224", {}),
+    "mixer_s4": ("timm.models.mlp_mixer.MlpMixer", {"num_blocks": 8, "embed_dim": 512}),
+    "mixer_b4": ("timm.models.mlp_mixer.MlpMixer", {"num_blocks": 12, "embed_dim": 768}),
+}
+RHO = 0.05
+
+
+# ------------------------------------------------------------------------------------- child
+def build_model(name: str, device: str):
+    from lightning_nusam.models import ImageClassifier
+
+    model_name, kwargs = MODELS[name]
+    classifier = ImageClassifier(model_name, num_classes=10, img_size=32, patch_size=4, model_kwargs=kwargs)
+    return classifier.model.to(device)
+
+
+def peak_memory_mib(device: str) -> float:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def make_step(method: str, model, inputs, labels, precision: str, device: str):
+    """A closure running one training step of ``method``; returns it and the perturbation."""
+    import torch
+    from torch import nn
+
+    from lightning_nusam.perturbations import (
+        L2Perturbation,
+        NormLayerPerturbation,
+        NuclearNormalizedPerturbation,
+        NuclearPerturbation,
+    )
+
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+
+    def autocast():
+        if precision == "bf16":
+            return torch.autocast(device_type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def forward_backward():
+        with autocast():
+            loss = nn.functional.cross_entropy(model(inputs), labels)
+        loss.backward()
+
+    synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+    perturbation_seconds: list[float] = []
+
+    def timed(action, *args):
+        synchronize()
+        start = time.perf_counter()
+        action(*args)
+        synchronize()
+        return time.perf_counter() - start
+
+    if method == "peer_sam":
+        from pytorch_optimizer import SAM
+
+        optimizer = SAM(model.parameters(), torch.optim.AdamW, rho=RHO, lr=1e-4)
+        held = {"numel": 0}
+        first_step, second_step, base_step = optimizer.first_step, optimizer.second_step, None
+
+        def closure():
+            optimizer.zero_grad()
+            # between first_step and second_step the peer holds a copy of every weight
+            held["numel"] = sum(s["old_p"].numel() for s in optimizer.state.values() if "old_p" in s)
+            forward_backward()
+
+        def timed_first_step(zero_grad=False):
+            perturbation_seconds.append(timed(first_step, zero_grad))
+
+        def timed_second_step(zero_grad=False):
+            # the restore part of second_step = second_step − the base optimizer's step
+            nonlocal base_step
+            base_step = 0.0
+            total = timed(second_step, zero_grad)
+            perturbation_seconds[-1] += total - base_step
+
+        def timed_base_step(*args, **kwargs):
+            nonlocal base_step
+            synchronize()
+            start = time.perf_counter()
+            result = base_optimizer_step(*args, **kwargs)
+            synchronize()
+            base_step = time.perf_counter() - start
+            return result
+
+        base_optimizer_step = optimizer.base_optimizer.step
+        optimizer.first_step, optimizer.second_step = timed_first_step, timed_second_step
+        optimizer.base_optimizer.step = timed_base_step
+
+        def peer_step():
+            forward_backward()
+            optimizer.step(closure)
+            optimizer.zero_grad()
+
+        peer_step.perturbation_seconds = perturbation_seconds
+        return peer_step, lambda: held["numel"]
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    perturbation = {
+        "sam": lambda: L2Perturbation(model, rho=RHO),
+        "samon": lambda: NormLayerPerturbation(model, rho=RHO),
+        "nusam_t1": lambda: NuclearPerturbation(model, rho=RHO, power_iterations=1),
+        "nusam_t5": lambda: NuclearPerturbation(model, rho=RHO, power_iterations=5),
+        "nusam_norm": lambda: NuclearNormalizedPerturbation(model, rho=RHO),
+    }.get(method, lambda: None)()
+
+    def step():
+        forward_backward()
+        if method != "adamw":
+            spent = timed(perturbation.perturb) if perturbation is not None else 0.0
+            optimizer.zero_grad()
+            forward_backward()
+            if perturbation is not None:
+                perturbation_seconds.append(spent + timed(perturbation.restore))
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step.perturbation_seconds = perturbation_seconds
+    return step, (lambda: perturbation.held_numel() if perturbation is not None else 0)
+
+
+def run_child(args: argparse.Namespace) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    device = args.device
+    model = build_model(args.model, device)
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(args.batch_size, 3, 32, 32, generator=generator).to(device)
+    labels = torch.randint(0, 10, (args.batch_size,), generator=generator).to(device)
+    step, held_numel = make_step(args.method, model, inputs, labels, args.precision, device)
+    synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    times = []
+    for index in range(args.warmup + args.steps):
+        synchronize()
+        start = time.perf_counter()
+        step()
+        synchronize()
+        if index >= args.warmup:
+            times.append(time.perf_counter() - start)
+    perturbation_seconds = getattr(step, "perturbation_seconds", [])[args.warmup :]
+    return {
+        "model": args.model,
+        "method": args.method,
+        "batch_size": args.batch_size,
+        "median_ms": 1000 * statistics.median(times),
+        "perturbation_ms": 1000 * statistics.median(perturbation_seconds) if perturbation_seconds else None,
+        "step_ms": [1000 * t for t in times],
+        "peak_mib": peak_memory_mib(device),
+        "held_numel": held_numel(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+# ------------------------------------------------------------------------------------ parent
+def measure(model: str, method: str, batch_size: int, args: argparse.Namespace) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", "--model", model, "--method", method,
+               "--batch-size", str(batch_size), "--device", args.device, "--precision", args.precision,
+               "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{model}/{method} failed:\n{result.stderr[-3000:]}")
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    print(f"  {model:9s} b={batch_size:<4d} {method:11s} {row['median_ms']:9.1f} ms  "
+          f"{row['peak_mib']:8.0f} MiB  held {row['held_numel']:,}", flush=True)
+    return row
+
+
+def add_ratios(rows: list[dict]) -> None:
+    by_key = {(r["model"], r["batch_size"], r["method"]): r for r in rows}
+    for row in rows:
+        key = (row["model"], row["batch_size"])
+        for reference, name in (("adamw", "x_adamw"), ("peer_sam", "x_peer"), ("two_pass", "x_two_pass")):
+            ref = by_key.get((*key, reference))
+            row[name] = row["median_ms"] / ref["median_ms"] if ref else float("nan")
+        adamw = by_key.get((*key, "adamw"))
+        row["extra_mib_vs_adamw"] = row["peak_mib"] - adamw["peak_mib"] if adamw else float("nan")
+        row["peak_vs_adamw"] = row["peak_mib"] / adamw["peak_mib"] if adamw else float("nan")
+
+
+def markdown(rows: list[dict], args: argparse.Namespace, command: str, device_name: str) -> str:
+    memory = "peak CUDA allocated" if args.device.startswith("cuda") else "peak RSS"
+    lines = [
+        f"# Memory and speed on {device_name} ({args.precision})",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Median of {args.steps} steps after {args.warmup} warm-up steps, one fresh process per row; "
+        f"AdamW base optimizer, rho={RHO}. Memory: {memory} of the process. 'perturb + restore' is "
+        "timed inside the step (for the peer: first_step + second_step − its base step), free of "
+        "the between-process noise that the step-time ratios carry.",
+        "",
+    ]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["batch_size"]), []).append(row)
+    for (model, batch), group in groups.items():
+        params = group[0]["parameters"]
+        lines += [
+            f"## {model}, batch {batch} ({params / 1e6:.1f} M parameters)",
+            "",
+            "| method | step (ms) | × AdamW | × peer SAM | × two-pass | perturb + restore (ms, % of "
+            "step) | peak memory (MiB) | vs AdamW | perturbation holds |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in group:
+            inner = r.get("perturbation_ms")
+            inner_text = f"{inner:.1f} ({100 * inner / r['median_ms']:.2f} %)" if inner is not None else "–"
+            lines.append(
+                f"| {r['method']} | {r['median_ms']:.1f} | {r['x_adamw']:.3f} | {r['x_peer']:.3f} | "
+                f"{r['x_two_pass']:.3f} | {inner_text} | {r['peak_mib']:.0f} | "
+                f"{r['extra_mib_vs_adamw']:+.0f} "
+                f"({100 * (r['peak_vs_adamw'] - 1):+.1f} %) | {r['held_numel']:,} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def chart(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["batch_size"]), []).append(row)
+    figure, axes = plt.subplots(2, len(groups), figsize=(4.2 * len(groups), 6.5), squeeze=False)
+    for column, ((model, batch), group) in enumerate(groups.items()):
+        names = [r["method"] for r in group]
+        colors = ["tab:orange" if n.startswith("nusam") else "tab:grey" if n in ("adamw", "two_pass")
+                  else "tab:blue" for n in names]
+        axes[0][column].barh(names, [r["median_ms"] for r in group], color=colors)
+        axes[0][column].set_title(f"{model}, batch {batch}: step time (ms)")
+        axes[1][column].barh(names, [r["peak_mib"] for r in group], color=colors)
+        axes[1][column].set_title("peak memory (MiB)")
+        low = min(r["peak_mib"] for r in group)
+        axes[1][column].set_xlim(left=0.9 * low)
+        for axis in (axes[0][column], axes[1][column]):
+            axis.invert_yaxis()
+            axis.grid(axis="x", alpha=0.3)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def device_label(device: str) -> tuple[str, str]:
+    import torch
+
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(0)
+        return name, "cuda_" + name.lower().replace("nvidia ", "").replace(" ", "_")
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)", "cpu"
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=["32", "bf16"], default="32")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--models", nargs="+", default=None, choices=sorted(MODELS))
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--full", action="store_true",
+                        help="all four models, plus ViT-B/4 at batch 2 (a memory-bound step)")
+    parser.add_argument("--out", type=Path, default=ROOT / "results")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_child(args)))
+        return []
+
+    paper_models = ["vit_s4", "vit_b4", "mixer_s4", "mixer_b4"]
+    models = args.models or (paper_models if args.full else ["vit_s4", "mixer_s4"])
+    plan = [(m, args.batch_size) for m in models]
+    if args.full and args.models is None:
+        plan.append(("vit_b4", 2))
+    command = "python benchmarks/memory_speed.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    device_name, label = device_label(args.device)
+    print(f"{command}\n{device_name}")
+    rows = [measure(model, method, batch, args) for model, batch in plan for method in args.methods]
+    add_ratios(rows)
+    suffix = f"{label}{'_bf16' if args.precision == 'bf16' else ''}{'_full' if args.full else ''}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = markdown(rows, args, command.strip(), device_name)
+    (args.out / f"memory_speed_{suffix}.md").write_text(table + "\n")
+    (args.out / f"memory_speed_{suffix}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    chart(rows, args.out / f"memory_speed_{suffix}.png", f"{device_name}, {args.precision}")
+    print("\n" + table)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""``nusam memory --model NAME``: the paper's Table 1 for any timm model, plus training state.
+
+The model is built on the ``meta`` device (no memory, no download). SAM must keep a copy of
+every trainable weight (or its perturbation); νSAM keeps ``u`` and ``v`` per weight matrix, and
+the count is taken from a real :class:`~lightning_nusam.perturbations.NuclearPerturbation`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+
+import timm
+import torch
+
+from lightning_nusam.perturbations import NuclearPerturbation
+
+#: Numbers each optimizer keeps per weight besides the weight and its gradient.
+OPTIMIZER_STATE_PER_WEIGHT = {"SGD": 0, "SGD+momentum": 1, "AdamW": 2}
+
+
+@dataclass
+class MemoryReport:
+    model: str
+    parameters: int
+    sam_perturbation: int
+    nusam_perturbation: int
+    perturbed_matrices: int
+
+    @property
+    def perturbation_saving(self) -> float:
+        return 1 - self.nusam_perturbation / self.sam_perturbation
+
+    def training_state(self, optimizer: str) -> dict[str, int | float]:
+        """Numbers held in training: weights + grads + optimizer state + the perturbation."""
+        base = (2 + OPTIMIZER_STATE_PER_WEIGHT[optimizer]) * self.parameters
+        sam, nusam = base + self.sam_perturbation, base + self.nusam_perturbation
+        return {"base": base, "sam": sam, "nusam": nusam, "saving": 1 - nusam / sam}
+
+
+def memory_report(model_name: str, **model_kwargs) -> MemoryReport:
+    """Build ``model_name`` on the meta device and count what SAM and νSAM must hold."""
+    with torch.device("meta"):
+        model = timm.create_model(model_name, **model_kwargs)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    nusam = NuclearPerturbation(model, rho=0.0)
+    return MemoryReport(model_name, trainable, trainable, nusam.held_numel(), len(nusam.parameter_names))
+
+
+def format_report(report: MemoryReport, bytes_per_number: int = 4) -> str:
+    def size(numbers: float) -> str:
+        return f"{numbers:,.0f} ({numbers * bytes_per_number / 2**20:,.1f} MiB)"
+
+    lines = [
+        f"# {report.model}",
+        "",
+        "| | numbers (fp32 MiB) |",
+        "|---|---|",
+        f"| trainable parameters | {size(report.parameters)} |",
+        f"| SAM perturbation (a copy of the weights) | {size(report.sam_perturbation)} |",
+        f"| νSAM perturbation (u, v of {report.perturbed_matrices} matrices) | "
+        f"{size(report.nusam_perturbation)} |",
+        f"| saving on the perturbation | {100 * report.perturbation_saving:.2f} % |",
+        "",
+        "Training state (weights + gradients + optimizer state + perturbation):",
+        "",
+        "| optimizer | without SAM | with SAM | with νSAM | νSAM saves vs SAM |",
+        "|---|---|---|---|---|",
+    ]
+    for optimizer in OPTIMIZER_STATE_PER_WEIGHT:
+        state = report.training_state(optimizer)
+        lines.append(
+            f"| {optimizer} | {state['base'] * bytes_per_number / 2**20:,.1f} MiB | "
+            f"{state['sam'] * bytes_per_number / 2**20:,.1f} MiB | "
+            f"{state['nusam'] * bytes_per_number / 2**20:,.1f} MiB | {100 * state['saving']:.1f} % |"
+        )
+    lines += ["", "SGD keeps weights and gradients; SAM adds a third copy, which νSAM removes "
+              "(close to 1/3 of the training state)."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> MemoryReport:
+    parser = argparse.ArgumentParser(prog="nusam memory", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="a timm model name, e.g. vit_base_patch16_224")
+    parser.add_argument(
+        "--model-kwargs", default="{}", help='JSON, e.g. \'{"img_size": 32, "patch_size": 4}\''
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    args = parser.parse_args(argv)
+    report = memory_report(args.model, **json.loads(args.model_kwargs))
+    if args.json:
+        print(json.dumps({**asdict(report), "training_state": {
+            name: report.training_state(name) for name in OPTIMIZER_STATE_PER_WEIGHT}}, indent=2))
+    else:
+        print(format_report(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

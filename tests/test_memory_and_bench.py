@@ -1,0 +1,43 @@
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from lightning_nusam.cli import main as nusam
+from lightning_nusam.memory import memory_report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_memory_report_reproduces_table_1_and_the_sgd_saving():
+    report = memory_report("vit_base_patch16_224")
+    assert report.parameters == 86_567_656
+    assert report.nusam_perturbation == 149_224 and report.perturbed_matrices == 49
+    assert report.perturbation_saving > 0.998
+    assert report.training_state("SGD")["saving"] == pytest.approx(1 / 3, abs=0.001)
+    assert report.training_state("AdamW")["saving"] == pytest.approx(1 / 5, abs=0.001)
+
+
+def test_nusam_memory_subcommand(capsys):
+    nusam(["memory", "--model", "vit_large_patch16_224", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["nusam_perturbation"] == 395_240
+    nusam(["memory", "--model", "mixer_b16_224"])
+    assert "| SGD |" in capsys.readouterr().out
+
+
+def test_benchmark_script_writes_table_json_and_chart(tmp_path):
+    spec = importlib.util.spec_from_file_location("memory_speed", ROOT / "benchmarks" / "memory_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--models", "vit_t4", "--methods", "adamw", "two_pass", "peer_sam", "nusam_t1",
+                       "--steps", "2", "--warmup", "0", "--batch-size", "2", "--out", str(tmp_path)])
+    by_method = {r["method"]: r for r in rows}
+    assert by_method["adamw"]["x_adamw"] == 1.0 and by_method["peer_sam"]["x_peer"] == 1.0
+    parameters = by_method["adamw"]["parameters"]
+    assert by_method["peer_sam"]["held_numel"] == parameters  # the peer copies every weight
+    assert 0 < by_method["nusam_t1"]["held_numel"] < parameters / 20
+    for suffix in ("md", "json", "png"):
+        assert (tmp_path / f"memory_speed_cpu.{suffix}").stat().st_size > 0
+    assert "| nusam_t1 |" in (tmp_path / "memory_speed_cpu.md").read_text()
