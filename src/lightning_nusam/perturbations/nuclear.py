@@ -14,6 +14,7 @@ are kept, never ``ε_i`` nor a copy of ``M_i``; ``u_i`` is the warm start of the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -22,22 +23,29 @@ import torch
 from torch import nn
 
 from lightning_nusam.perturbations.base import DEFAULT_TAU, Perturbation
-from lightning_nusam.perturbations.power_iteration import batched_power_iteration, power_iteration
+from lightning_nusam.perturbations.power_iteration import batched_power_iteration, looped_power_iteration
 from lightning_nusam.perturbations.selection import (
     DEFAULT_NUCLEAR_EXCLUDE,
     SelectedParameter,
     nothing_to_perturb,
     select_matrices,
 )
+from lightning_nusam.perturbations.sharding import (
+    RowSharding,
+    all_gather_rows,
+    all_reduce_sum,
+    local,
+    row_sharding,
+)
 
 #: Largest number of gradient entries stacked at once by the batched power iteration
 #: (1 Mi numbers = 4 MiB in fp32); larger shape groups are processed in chunks.
 DEFAULT_MAX_STACK_NUMEL = 1 << 20
 
-#: With ``batched="auto"``, matrices up to this many entries are stacked and batched: there the
-#: cost is dispatch overhead, which ``bmm`` saves. Larger matrices go through the loop, which
+#: With ``batched="auto"``, matrices up to this many entries (64×64) are stacked and batched: the
+#: cost there is dispatch overhead, which ``bmm`` saves. Larger ones go through the loop, which
 #: reads each gradient in place (stacking would copy it, and the matvec is memory-bound).
-AUTO_BATCH_MAX_NUMEL = 1 << 16
+AUTO_BATCH_MAX_NUMEL = 1 << 12
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -54,13 +62,17 @@ class _ShapeGroup:
     ``u`` (``B×n``) and ``v`` (``B×m``), fp32 (fp64 for fp64 weights), are the only state:
     row ``i`` belongs to ``members[i]``. ``v`` already contains any per-matrix scale
     (νSAM-Norm) and is zeroed on a skipped step, so ``restore`` subtracts exactly what
-    ``perturb`` added.
+    ``perturb`` added. For row-sharded parameters ``u`` holds this rank's rows only.
     """
 
     members: list[SelectedParameter]
     u: torch.Tensor
     v: torch.Tensor
+    sharding: RowSharding | None = None
     applied_rows: list[int] = field(default_factory=list)
+
+    def row_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(tensor, self.sharding.group if self.sharding else None)
 
 
 @dataclass
@@ -154,18 +166,27 @@ class NuclearPerturbation(Perturbation):
     def _build_groups(selected: list[SelectedParameter], seed: int) -> list[_ShapeGroup]:
         generator = torch.Generator().manual_seed(seed)
         by_key: dict[tuple, list[SelectedParameter]] = {}
+        shardings: dict[tuple, RowSharding | None] = {}
         for item in selected:
-            n, m = _as_matrix(item.parameter.detach()).shape
-            key = (n, m, item.parameter.dtype, item.parameter.device)
+            n, m = item.parameter.shape[0], math.prod(item.parameter.shape[1:])
+            sharding = row_sharding(item.name, item.parameter)
+            group_id = None if sharding is None else id(sharding.group)
+            key = (n, m, item.parameter.dtype, local(item.parameter.detach()).device, group_id)
             by_key.setdefault(key, []).append(item)
+            shardings[key] = sharding
         groups = []
-        for (n, m, dtype, device), members in by_key.items():
-            # fp32 vectors for fp32/bf16/fp16 weights, fp64 for fp64 weights
+        for key, members in by_key.items():
+            n, m, dtype, device, _ = key
+            # fp32 vectors for fp32/bf16/fp16 weights, fp64 for fp64 weights. The start vectors
+            # are drawn for the full n rows, so a sharded run starts where an unsharded one does.
             vector_dtype = torch.promote_types(dtype, torch.float32)
             u = torch.randn(len(members), n, generator=generator, dtype=torch.float64)
             u = (u / torch.linalg.vector_norm(u, dim=1, keepdim=True)).to(vector_dtype)
+            sharding = shardings[key]
+            if sharding is not None:
+                u = u[:, sharding.row_slice].contiguous()
             v = torch.zeros(len(members), m, dtype=vector_dtype)
-            groups.append(_ShapeGroup(members, u.to(device), v.to(device)))
+            groups.append(_ShapeGroup(members, u.to(device), v.to(device), sharding))
         return groups
 
     # ----------------------------------------------------------------------------- step
@@ -202,29 +223,27 @@ class NuclearPerturbation(Perturbation):
         self._follow_device(group)
         n, m = group.u.shape[1], group.v.shape[1]
         batched = self.batched if self.batched != "auto" else n * m <= AUTO_BATCH_MAX_NUMEL
+        reduce = group.row_reduce if group.sharding is not None else None
         if not batched or len(rows) == 1:
-            results = [
-                power_iteration(
-                    _as_matrix(group.members[row].parameter.grad).to(group.u.dtype),
-                    group.u[row],
-                    self.power_iterations,
-                    self.tau,
-                )
-                for row in rows
-            ]
-            u, v, sigma = (torch.stack(parts) for parts in zip(*results, strict=True))
+            grads = [self._grad_matrix(group, row) for row in rows]
+            u_start = group.u if len(rows) == len(group.members) else group.u[rows]
+            u, v, sigma = looped_power_iteration(grads, u_start, self.power_iterations, self.tau, reduce)
             yield _Estimate(group, rows, u, v, sigma)
             return
         chunk = max(1, self.max_stack_numel // (n * m))
         for start in range(0, len(rows), chunk):
             chunk_rows = rows[start : start + chunk]
-            grads = torch.stack(
-                [_as_matrix(group.members[row].parameter.grad) for row in chunk_rows]
-            ).to(group.u.dtype)
+            grads = torch.stack([self._grad_matrix(group, row) for row in chunk_rows])
             u_start = group.u if len(chunk_rows) == len(group.members) else group.u[chunk_rows]
-            u, v, sigma = batched_power_iteration(grads, u_start, self.power_iterations, self.tau)
+            u, v, sigma = batched_power_iteration(grads, u_start, self.power_iterations, self.tau, reduce)
             del grads
             yield _Estimate(group, chunk_rows, u, v, sigma)
+
+    @staticmethod
+    def _grad_matrix(group: _ShapeGroup, row: int) -> torch.Tensor:
+        """This rank's rows of the gradient as a matrix in the vectors' dtype (no copy for fp32)."""
+        grad = local(group.members[row].parameter.grad)
+        return _as_matrix(grad).to(group.u.dtype)
 
     def _store(self, estimate: _Estimate, finite: torch.Tensor, scale: torch.Tensor | None) -> None:
         """Write the new ``u`` (warm start) and the ``v`` to apply, guarding against bad values.
@@ -249,7 +268,7 @@ class NuclearPerturbation(Perturbation):
     @staticmethod
     def _follow_device(group: _ShapeGroup) -> None:
         """Keep the vectors on the parameters' device (Lightning moves the model after setup)."""
-        device = group.members[0].parameter.device
+        device = local(group.members[0].parameter.detach()).device
         if group.u.device != device:
             group.u = group.u.to(device)
             group.v = group.v.to(device)
@@ -257,7 +276,7 @@ class NuclearPerturbation(Perturbation):
     @staticmethod
     def _add_rank_one(group: _ShapeGroup, row: int, alpha: float) -> None:
         """``M ← M + alpha · u vᵀ`` in place, without an ``n×m`` temporary for fp32 weights."""
-        weight = group.members[row].parameter.data
+        weight = local(group.members[row].parameter.data)  # a sharded weight: this rank's rows
         u, v = group.u[row], group.v[row]
         if weight.dtype in _LOW_PRECISION or not weight.is_contiguous():
             # ε is formed in fp32 and rounded once to the weight's dtype (or layout).
@@ -271,6 +290,16 @@ class NuclearPerturbation(Perturbation):
             yield group.u
             yield group.v
 
+    def held_numel(self, total: bool = False) -> int:
+        """Numbers held by this rank (``total=True``: summed over the ranks that share the
+        sharded matrices, a collective call)."""
+        count = super().held_numel()  # this rank's tensors
+        sharded = [g.sharding for g in self._groups if g.sharding is not None]
+        if total and sharded:
+            counts = torch.tensor([count], dtype=torch.int64, device=self._groups[0].u.device)
+            return int(all_reduce_sum(counts, sharded[0].group).item())
+        return count
+
     def singular_vectors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{name: (u, v)}`` of the last step (``v`` includes any νSAM-Norm scale)."""
         return {
@@ -281,13 +310,20 @@ class NuclearPerturbation(Perturbation):
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Counters and the warm-start vectors ``u`` by parameter name (``v`` is recomputed)."""
+        """Counters and the warm-start vectors ``u`` by parameter name (``v`` is recomputed).
+
+        For row-sharded parameters the ranks' rows of ``u`` are gathered (vectors only: ``n``
+        numbers per matrix), so the state is the same on every rank and as without sharding.
+        Call it on every rank then.
+        """
         state = super().state_dict()
-        state["u"] = {
-            item.name: group.u[row].detach().cpu().clone()
-            for group in self._groups
-            for row, item in enumerate(group.members)
-        }
+        state["u"] = {}
+        for group in self._groups:
+            full_u = group.u
+            if group.sharding is not None:
+                full_u = all_gather_rows(group.u.t().contiguous(), group.sharding).t()
+            for row, item in enumerate(group.members):
+                state["u"][item.name] = full_u[row].detach().cpu().clone()
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -301,13 +337,15 @@ class NuclearPerturbation(Perturbation):
                 f"missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
         for group in self._groups:
+            rows = group.members[0].parameter.shape[0]
             for row, item in enumerate(group.members):
                 value = saved[item.name]
-                if value.shape != group.u[row].shape:
+                if value.shape != (rows,):
                     raise ValueError(
-                        f"state_dict['u'][{item.name!r}] has shape {tuple(value.shape)}, "
-                        f"expected {tuple(group.u[row].shape)}"
+                        f"state_dict['u'][{item.name!r}] has shape {tuple(value.shape)}, expected ({rows},)"
                     )
+                if group.sharding is not None:
+                    value = value[group.sharding.row_slice]
                 group.u[row].copy_(value)
             group.v.zero_()
 
