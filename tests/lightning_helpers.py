@@ -85,3 +85,21 @@ def trainer(**kwargs) -> L.Trainer:
 
 def loader(dataset: TensorDataset, batch_size: int = 8) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=False)
+
+
+def subprocess_env(extra_path: str) -> dict[str, str]:
+    """Environment for a multi-process launch: a fresh free port, no inherited rank variables
+    (an earlier in-process Trainer may have set MASTER_PORT in this process's environment)."""
+    import os
+    import socket
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK",
+                        "LOCAL_WORLD_SIZE", "GROUP_RANK")}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        env["MASTER_PORT"] = str(sock.getsockname()[1])
+    env["MASTER_ADDR"] = "127.0.0.1"
+    env["PYTHONPATH"] = os.pathsep.join([extra_path, os.environ.get("PYTHONPATH", "")])
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env

@@ -1,7 +1,6 @@
 """Real two-process DDP (gloo, CPU): the synced first pass equals one process on the joined
 batch; m-SAM perturbs per rank and stays in step through re-synchronisation."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_helpers import Classifier, classification_data, loader, trainer
+from lightning_helpers import Classifier, classification_data, loader, subprocess_env, trainer
 from lightning_nusam import NuSAM
 
 HERE = Path(__file__).resolve().parent
@@ -17,8 +16,7 @@ STEPS = 6
 
 
 def launch(tmp_path: Path, mode: str) -> list[dict]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
-    env.pop("CUDA_VISIBLE_DEVICES", None)
+    env = subprocess_env(str(HERE))
     result = subprocess.run(
         [sys.executable, str(HERE / "ddp_script.py"), str(tmp_path), mode, str(STEPS)],
         env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,

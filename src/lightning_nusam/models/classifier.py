@@ -163,6 +163,22 @@ class ImageClassifier(SAMMixin, pl.LightningModule):
             hp.model_name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs
         )
 
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` shard the model with FSDP2: each block, then the rest.
+
+        Parameters become row-sharded DTensors; the perturbations then work on each rank's rows
+        and all-reduce only vectors (see ``lightning_nusam.perturbations.sharding``).
+        """
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        data_parallel = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        for block in getattr(self.model, "blocks", []):
+            fully_shard(block, mesh=data_parallel)
+        fully_shard(self.model, mesh=data_parallel)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 

@@ -93,11 +93,13 @@ class Perturbation(abc.ABC):
     def held_tensors(self) -> Iterator[torch.Tensor]:
         """Every tensor this object keeps to restore the weights (and to warm-start)."""
 
-    def held_numel(self) -> int:
+    def held_numel(self, total: bool = False) -> int:
         """How many numbers the perturbation holds between :meth:`perturb` and :meth:`restore`.
 
         Counted from the tensors it actually keeps (:meth:`held_tensors`), not from a formula.
         SAM keeps a full copy of the perturbed weights; νSAM keeps ``u`` and ``v`` per matrix.
+        For sharded parameters this is what this rank holds; ``total=True`` sums over the ranks
+        (a collective call) where a subclass supports sharding, and equals it otherwise.
         """
         return sum(t.numel() for t in self.held_tensors())
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from lightning_nusam.perturbations.base import Perturbation
 from lightning_nusam.perturbations.selection import nothing_to_perturb, select_all
+from lightning_nusam.perturbations.sharding import all_reduce_sum, local, row_sharding
 
 _STEP_STRIDE = 1_000_003  # a prime: distinct (seed, step) pairs give distinct generator seeds
 
@@ -51,35 +52,48 @@ class GaussianPerturbation(Perturbation):
             raise nothing_to_perturb(model, "GaussianPerturbation selected no parameters")
         super().__init__(model, rho, selected)
         self.seed = int(seed)
+        # Row-sharded parameters draw their local rows from a rank-specific stream; the norm
+        # is one all-reduced scalar (replicated parameters are counted on rank 0 only).
+        self._shardings = [row_sharding(item.name, item.parameter) for item in selected]
         self._scale = torch.zeros(())
         self._applied: list[int] = []
         self._applied_seed = 0
 
-    def _noise(self, step_seed: int, indices: list[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield ``(weight, e)`` per parameter, ``e`` drawn afresh from ``step_seed``."""
-        generators: dict[torch.device, torch.Generator] = {}
+    def _noise(self, step_seed: int, indices: list[int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Yield ``(index, weight, e)`` per parameter, ``e`` drawn afresh from ``step_seed``."""
+        generators: dict[tuple, torch.Generator] = {}
         for i in indices:
-            weight = self._selected[i].parameter.data
-            generator = generators.get(weight.device)
+            weight = local(self._selected[i].parameter.data)
+            sharding = self._shardings[i]
+            stream = (weight.device, None if sharding is None else sharding.rank)
+            generator = generators.get(stream)
             if generator is None:
-                generator = torch.Generator(device=weight.device).manual_seed(step_seed)
-                generators[weight.device] = generator
+                seed = step_seed if sharding is None else step_seed * 4096 + 1 + sharding.rank
+                generator = torch.Generator(device=weight.device).manual_seed(seed)
+                generators[stream] = generator
             noise = torch.randn(weight.shape, generator=generator, device=weight.device)
-            yield weight, noise
+            yield i, weight, noise
 
     def _perturb(self) -> None:
         indices = [i for i, item in enumerate(self._selected) if item.parameter.grad is not None]
         if not indices:
             return
         step_seed = self.seed * _STEP_STRIDE + self.steps
-        squared = sum(float(noise.square().sum()) for _, noise in self._noise(step_seed, indices))
-        self._scale = torch.tensor(self.rho / max(squared, 1e-300) ** 0.5)
-        for weight, noise in self._noise(step_seed, indices):
+        sharding = next((s for s in self._shardings if s is not None), None)
+        squared = torch.zeros((), dtype=torch.float64)
+        for i, _, noise in self._noise(step_seed, indices):
+            if sharding is None or self._shardings[i] is not None or sharding.rank == 0:
+                squared += torch.linalg.vector_norm(noise).double().cpu().square()
+        if sharding is not None:
+            squared = all_reduce_sum(squared.to(local(self._selected[0].parameter.detach()).device),
+                                     sharding.group).cpu()
+        self._scale = torch.tensor(self.rho / max(float(squared), 1e-300) ** 0.5)
+        for _, weight, noise in self._noise(step_seed, indices):
             weight.add_(noise.mul_(self._scale.item()).to(weight.dtype))
         self._applied, self._applied_seed = indices, step_seed
 
     def _restore(self) -> None:
-        for weight, noise in self._noise(self._applied_seed, self._applied):
+        for _, weight, noise in self._noise(self._applied_seed, self._applied):
             weight.sub_(noise.mul_(self._scale.item()).to(weight.dtype))
         self._applied = []
 

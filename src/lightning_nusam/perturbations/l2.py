@@ -21,16 +21,44 @@ from lightning_nusam.perturbations.selection import (
     select_all,
     select_norm_layers,
 )
+from lightning_nusam.perturbations.sharding import RowSharding, all_reduce_sum, local, row_sharding
 
 
-def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """``‖(g_1, ..., g_k)‖₂`` as an fp32 scalar on the first gradient's device."""
-    device = grads[0].device
-    if grads[0].dtype in (torch.float16, torch.bfloat16):
-        norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
+def squared_norm(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """``‖(t_1, ..., t_k)‖₂²`` as an fp32 scalar on ``device`` (zero for an empty list)."""
+    if not tensors:
+        return torch.zeros((), device=device)
+    if tensors[0].dtype in (torch.float16, torch.bfloat16):
+        norms = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]
     else:
-        norms = torch._foreach_norm(grads)
-    return torch.stack([n.to(device) for n in norms]).float().square().sum().sqrt()
+        norms = torch._foreach_norm(tensors)
+    return torch.stack([n.to(device) for n in norms]).float().square().sum()
+
+
+def sharded_squared_norm(
+    tensors: list[torch.Tensor], shardings: list[RowSharding | None], device: torch.device
+) -> torch.Tensor:
+    """Squared norm of the full tensors given this rank's rows of the row-sharded ones: local
+    sums over the shards plus the replicated tensors counted once, all-reduced (one scalar)."""
+    group = next((s for s in shardings if s is not None), None)
+    if group is None:
+        return squared_norm(tensors, device)
+    shards = [t for t, s in zip(tensors, shardings, strict=True) if s is not None]
+    replicated = [t for t, s in zip(tensors, shardings, strict=True) if s is None]
+    total = squared_norm(shards, device)
+    if group.rank == 0:
+        total = total + squared_norm(replicated, device)
+    return all_reduce_sum(total, group.group)
+
+
+def common_sharding(names: list[str], shardings: list[RowSharding | None]) -> None:
+    """All sharded parameters must share one process group (one all-reduce of the norm)."""
+    groups = {id(s.group) for s in shardings if s is not None}
+    if len(groups) > 1:
+        raise ValueError(
+            f"the perturbed parameters are sharded over {len(groups)} different process groups "
+            f"(e.g. {names[0]!r}); a global norm needs one"
+        )
 
 
 class L2Perturbation(Perturbation):
@@ -74,18 +102,21 @@ class L2Perturbation(Perturbation):
             raise ValueError(f"`tau` must be >= 0, got {tau}")
         super().__init__(model, rho, selected)
         self.tau = float(tau)
-        # One buffer per parameter for the weights before the perturbation, allocated once
-        # (``empty_like`` touches no memory until the first step writes it).
-        self._backups = [torch.empty_like(item.parameter) for item in selected]
+        self._shardings = [row_sharding(item.name, item.parameter) for item in selected]
+        common_sharding(self.parameter_names, self._shardings)
+        # One buffer per parameter (this rank's rows when sharded) for the weights before the
+        # perturbation, allocated once (``empty_like`` touches no memory until written).
+        self._backups = [torch.empty_like(local(item.parameter.detach())) for item in selected]
         self._applied: list[int] = []
 
     def _perturb(self) -> None:
         indices = [i for i, item in enumerate(self._selected) if item.parameter.grad is not None]
         if not indices:
             return
-        params = [self._selected[i].parameter.data for i in indices]
-        grads = [self._selected[i].parameter.grad for i in indices]
-        norm = global_grad_norm(grads)
+        params = [local(self._selected[i].parameter.data) for i in indices]
+        grads = [local(self._selected[i].parameter.grad) for i in indices]
+        shardings = [self._shardings[i] for i in indices]
+        norm = sharded_squared_norm(grads, shardings, grads[0].device).sqrt()
         if not bool(torch.isfinite(norm)):
             self._skipped += 1
             return
@@ -98,19 +129,28 @@ class L2Perturbation(Perturbation):
 
     def _restore(self) -> None:
         if self._applied:
-            params = [self._selected[i].parameter.data for i in self._applied]
+            params = [local(self._selected[i].parameter.data) for i in self._applied]
             torch._foreach_copy_(params, [self._backups[i] for i in self._applied])
         self._applied = []
 
     def _backup_for(self, index: int) -> torch.Tensor:
         """The backup buffer, re-allocated if the parameter moved device or changed dtype."""
-        param, backup = self._selected[index].parameter, self._backups[index]
-        if backup.device != param.device or backup.dtype != param.dtype:
+        param, backup = local(self._selected[index].parameter.detach()), self._backups[index]
+        if backup.shape != param.shape or backup.device != param.device or backup.dtype != param.dtype:
             self._backups[index] = backup = torch.empty_like(param)
         return backup
 
     def held_tensors(self) -> Iterator[torch.Tensor]:
         yield from self._backups
+
+    def held_numel(self, total: bool = False) -> int:
+        """Numbers held by this rank (``total=True``: summed over the ranks, a collective)."""
+        count = super().held_numel()  # this rank's tensors
+        sharding = next((s for s in self._shardings if s is not None), None)
+        if total and sharding is not None:
+            counts = torch.tensor([count], dtype=torch.int64, device=self._backups[0].device)
+            return int(all_reduce_sum(counts, sharding.group).item())
+        return count
 
 
 class NormLayerPerturbation(L2Perturbation):

@@ -13,7 +13,12 @@ stack of matrices of one shape (one ``torch.bmm`` per half-step).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
+
+#: An in-place sum over the ranks that hold other rows of the matrices (row sharding), or None.
+RowReduce = Callable[[torch.Tensor], object] | None
 
 
 def power_iteration(
@@ -39,19 +44,66 @@ def power_iteration(
 
 
 def batched_power_iteration(
-    matrices: torch.Tensor, u: torch.Tensor, iterations: int = 1, tau: float = 1e-12
+    matrices: torch.Tensor,
+    u: torch.Tensor,
+    iterations: int = 1,
+    tau: float = 1e-12,
+    row_reduce: RowReduce = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Algorithm 2 on a stack ``(B, n, m)`` of matrices at once, ``u`` of shape ``(B, n)``.
 
     Returns ``u (B, n)``, ``v (B, m)`` and ``σ (B,)``; row ``i`` equals
     ``power_iteration(matrices[i], u[i], ...)`` up to floating-point summation order.
+    With ``row_reduce`` the matrices are this rank's rows of row-sharded matrices: ``Aᵀu`` and
+    ``‖Av‖²`` are summed over the ranks, and ``u`` holds this rank's rows.
     """
-    v = u.new_empty(matrices.shape[0], matrices.shape[2])
-    sigma = u.new_zeros(matrices.shape[0])
+    return _iterate(
+        lambda u_: torch.bmm(matrices.transpose(1, 2), u_.unsqueeze(-1)).squeeze(-1),
+        lambda v_: torch.bmm(matrices, v_.unsqueeze(-1)).squeeze(-1),
+        u,
+        iterations,
+        tau,
+        row_reduce,
+    )
+
+
+def looped_power_iteration(
+    matrices: Sequence[torch.Tensor],
+    u: torch.Tensor,
+    iterations: int = 1,
+    tau: float = 1e-12,
+    row_reduce: RowReduce = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As :func:`batched_power_iteration` for a list of equally shaped matrices, one ``mv`` per
+    matrix (each read in place, no stacked copy); only the small vectors are stacked."""
+    return _iterate(
+        lambda u_: torch.stack([torch.mv(a.t(), row) for a, row in zip(matrices, u_, strict=True)]),
+        lambda v_: torch.stack([torch.mv(a, row) for a, row in zip(matrices, v_, strict=True)]),
+        u,
+        iterations,
+        tau,
+        row_reduce,
+    )
+
+
+def _iterate(
+    transpose_times: Callable[[torch.Tensor], torch.Tensor],
+    times: Callable[[torch.Tensor], torch.Tensor],
+    u: torch.Tensor,
+    iterations: int,
+    tau: float,
+    row_reduce: RowReduce,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    v = sigma = u
     for _ in range(iterations):
-        v = torch.bmm(matrices.transpose(1, 2), u.unsqueeze(-1)).squeeze(-1)
+        v = transpose_times(u)  # Aᵀu: partial sums over this rank's rows when sharded
+        if row_reduce is not None:
+            row_reduce(v)
         v = v / (torch.linalg.vector_norm(v, dim=1, keepdim=True) + tau)
-        u = torch.bmm(matrices, v.unsqueeze(-1)).squeeze(-1)
-        sigma = torch.linalg.vector_norm(u, dim=1)
+        u = times(v)
+        squared = u.square().sum(dim=1)
+        if row_reduce is not None:
+            row_reduce(squared)
+        sigma = squared.sqrt()
         u = u / (sigma.unsqueeze(1) + tau)
     return u, v, sigma
