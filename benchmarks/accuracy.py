@@ -1,0 +1,321 @@
+"""Does it generalise? AdamW vs SAM vs SAM-ON vs νSAM on the real CIFAR-10, resumable.
+
+A *plan* is a grid of runs (model, method, ρ, perturbation start, seed). Each run trains in a
+fresh process with this package's ImageClassifier, CIFARDataModule and callbacks, evaluates
+on the test set after every epoch, and appends one row to ``runs.csv``: final and best test
+accuracy, final train loss, wall time, peak memory and the exact command that reproduces it.
+Finished runs are skipped, so the study resumes where it stopped. The seeds of the second
+phase use the best ρ per method found in the first.
+
+    python benchmarks/accuracy.py --plan cpu            # the CPU-scale study (small models)
+    python benchmarks/accuracy.py --plan gpu            # paper scale: Mixer-S/4, ViT-S/4, 300 epochs
+    python benchmarks/accuracy.py --plan cpu --report   # only rebuild the table and the plot
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_DATA = ROOT.parent.parent / "shared" / "data" / "cifar10"
+
+MODELS = {
+    # CPU scale: width 128, depth 4, patch 4 (about 0.5-0.8 M parameters)
+    "mixer_128_4": ("timm.models.mlp_mixer.MlpMixer", {"num_blocks": 4, "embed_dim": 128}),
+    "vit_128_4": ("vit_small_patch16_224", {"depth": 4, "embed_dim": 128, "num_heads": 4}),
+    # paper scale (Table 6)
+    "mixer_s4": ("timm.models.mlp_mixer.MlpMixer", {"num_blocks": 8, "embed_dim": 512}),
+    "vit_s4": ("vit_small_patch16_224", {}),
+}
+CALLBACKS = {"sam": "SAM", "samon": "SAMON", "nusam": "NuSAM"}
+
+PLANS = {
+    # (models, epochs, {method: ρ sweep}, delayed start, batch size, extra trainer options)
+    "cpu": {
+        "models": ["mixer_128_4", "vit_128_4"],
+        "epochs": 4,
+        "rhos": {"adamw": [0.0], "sam": [0.05, 0.2], "samon": [0.5, 2.0], "nusam": [0.1, 0.4]},
+        "start": 0.1,
+        "seeds": [0, 1],
+        "batch_size": 128,
+        "precision": "32-true",
+        "num_workers": 0,
+    },
+    "gpu": {
+        "models": ["mixer_s4", "vit_s4"],
+        "epochs": 300,
+        "rhos": {"adamw": [0.0], "sam": [0.05, 0.1, 0.2], "samon": [0.5, 1.0, 2.0],
+                 "nusam": [0.1, 0.2, 0.4, 0.8]},
+        "start": 0.1,
+        "seeds": [0, 1, 2],
+        "batch_size": 128,
+        "precision": "bf16-mixed",
+        "num_workers": 8,
+    },
+}
+
+FIELDS = ["run_id", "plan", "model", "method", "rho", "start_fraction", "seed", "epochs",
+          "final_test_acc", "best_test_acc", "final_train_loss", "wall_s", "peak_mib", "params",
+          "device", "command"]
+
+
+@dataclass(frozen=True)
+class Run:
+    plan: str
+    model: str
+    method: str
+    rho: float
+    start_fraction: float
+    seed: int
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.model}-{self.method}-rho{self.rho:g}-start{self.start_fraction:g}-seed{self.seed}"
+
+
+def read_rows(csv_path: Path) -> list[dict]:
+    if not csv_path.is_file():
+        return []
+    with csv_path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def best_rho(rows: list[dict], model: str, method: str, start: float) -> float | None:
+    """ρ with the highest best-test accuracy among the seed-0 sweep runs (delayed start)."""
+    sweep = [r for r in rows if r["model"] == model and r["method"] == method and int(r["seed"]) == 0
+             and float(r["start_fraction"]) == start]
+    if not sweep:
+        return None
+    return float(max(sweep, key=lambda r: float(r["best_test_acc"]))["rho"])
+
+
+def planned_runs(plan_name: str, rows: list[dict]) -> list[Run]:
+    """Phase 1: every ρ with seed 0 (+ νSAM without delay); phase 2: more seeds at the best ρ."""
+    plan = PLANS[plan_name]
+    runs: list[Run] = []
+    for model in plan["models"]:
+        for method, rhos in plan["rhos"].items():
+            start = 0.0 if method == "adamw" else plan["start"]
+            runs += [Run(plan_name, model, method, rho, start, plan["seeds"][0]) for rho in rhos]
+        for method, rhos in plan["rhos"].items():
+            start = 0.0 if method == "adamw" else plan["start"]
+            rho = rhos[0] if len(rhos) == 1 else best_rho(rows, model, method, start)
+            if rho is not None:
+                runs += [Run(plan_name, model, method, rho, start, seed) for seed in plan["seeds"][1:]]
+        nusam_rho = best_rho(rows, model, "nusam", plan["start"])
+        if nusam_rho is not None:  # the same ρ without the delay (paper Figure 3)
+            runs.append(Run(plan_name, model, "nusam", nusam_rho, 0.0, plan["seeds"][0]))
+    return runs
+
+
+# ---------------------------------------------------------------------------------- one run
+def train(run: Run, data_dir: str, accelerator: str, max_epochs: int | None) -> dict:
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import Callback
+
+    import lightning_nusam
+    from lightning_nusam.data import CIFARDataModule
+    from lightning_nusam.models import ImageClassifier
+
+    plan = PLANS[run.plan]
+    epochs = max_epochs or plan["epochs"]
+    L.seed_everything(run.seed, verbose=False)
+    model_name, kwargs = MODELS[run.model]
+    model = ImageClassifier(model_name, num_classes=10, img_size=32, patch_size=4, model_kwargs=kwargs,
+                            lr=1e-3, weight_decay=0.05, warmup_fraction=0.1, label_smoothing=0.1)
+    data = CIFARDataModule(npz_dir=data_dir, batch_size=plan["batch_size"], num_workers=plan["num_workers"],
+                           seed=run.seed, eval_batch_size=500)
+
+    class History(Callback):
+        def __init__(self) -> None:
+            self.test_acc: list[float] = []
+            self.train_loss: list[float] = []
+
+        def on_validation_epoch_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                self.test_acc.append(float(trainer.callback_metrics["val/acc1"]))
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            self.train_loss.append(float(trainer.callback_metrics["train/loss_epoch"]))
+
+    history = History()
+    callbacks: list[Callback] = [history]
+    if run.method != "adamw":
+        cls = getattr(lightning_nusam, CALLBACKS[run.method])
+        callbacks.append(cls(rho=run.rho, start_fraction=run.start_fraction))
+    trainer = L.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1, precision=plan["precision"],
+                        callbacks=callbacks, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    started = time.perf_counter()
+    trainer.fit(model, datamodule=data)  # validation = the CIFAR-10 test set, every epoch
+    wall = time.perf_counter() - started
+    cuda = torch.cuda.is_available() and accelerator != "cpu"
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "run_id": run.run_id, **{k: v for k, v in asdict(run).items()}, "epochs": epochs,
+        "final_test_acc": history.test_acc[-1], "best_test_acc": max(history.test_acc),
+        "final_train_loss": history.train_loss[-1], "wall_s": round(wall, 1), "peak_mib": round(peak),
+        "params": sum(p.numel() for p in model.parameters()),
+        "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({torch.get_num_threads()} threads)",
+    }
+
+
+# ---------------------------------------------------------------------------------- report
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{100 * values[0]:.2f}"
+    return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
+
+
+def report(plan_name: str, rows: list[dict], out: Path) -> str:
+    plan = PLANS[plan_name]
+    lines = [f"# CIFAR-10 study, plan `{plan_name}`", "",
+             f"{plan['epochs']} epochs, batch {plan['batch_size']}, AdamW lr 1e-3 with 10% warm-up then "
+             "cosine, weight decay 0.05, label smoothing 0.1, random crop + flip (no AutoAugment). "
+             "Test accuracy on the 10,000 test images: best epoch and last epoch, mean ± std over "
+             "seeds at each method's best ρ (chosen on seed 0).", "",
+             "| model | method | ρ | start | seeds | best test acc (%) | final test acc (%) | "
+             "final train loss | wall (min) | peak memory (MiB) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    groups: dict[tuple, list[dict]] = {}
+    order = {name: i for i, name in enumerate([*plan["models"], *plan["rhos"]])}
+    for r in rows:
+        key = (r["model"], r["method"], float(r["start_fraction"]), float(r["rho"]))
+        groups.setdefault(key, []).append(r)
+    for (model, method, start, rho), group in sorted(
+        groups.items(), key=lambda item: (order.get(item[0][0], 99), order.get(item[0][1], 99), *item[0][2:])
+    ):
+        lines.append(
+            f"| {model} | {method} | {rho:g} | {start:g} | {len(group)} | "
+            f"{mean_std([float(r['best_test_acc']) for r in group])} | "
+            f"{mean_std([float(r['final_test_acc']) for r in group])} | "
+            f"{statistics.mean(float(r['final_train_loss']) for r in group):.3f} | "
+            f"{statistics.mean(float(r['wall_s']) for r in group) / 60:.1f} | "
+            f"{statistics.mean(float(r['peak_mib']) for r in group):.0f} |")
+    lines += ["", "Commands (each reproduces one row of `runs.csv`):", ""]
+    lines += [f"- `{r['command']}`" for r in rows]
+    text = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(text)
+    plot(plan_name, rows, out / "results.png")
+    return text
+
+
+def plot(plan_name: str, rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plan = PLANS[plan_name]
+    figure, axes = plt.subplots(1, len(plan["models"]), figsize=(6 * len(plan["models"]), 4), squeeze=False)
+    colors = {"adamw": "tab:grey", "sam": "tab:blue", "samon": "tab:green", "nusam": "tab:orange"}
+    for axis, model in zip(axes[0], plan["models"], strict=True):
+        for method in plan["rhos"]:
+            delayed = [r for r in rows if r["model"] == model and r["method"] == method
+                       and (method == "adamw" or float(r["start_fraction"]) > 0)]
+            if not delayed:
+                continue
+            rhos = sorted({float(r["rho"]) for r in delayed})
+            means = [statistics.mean(float(r["best_test_acc"]) for r in delayed if float(r["rho"]) == rho)
+                     for rho in rhos]
+            if method == "adamw":
+                axis.axhline(100 * means[0], color=colors[method], linestyle="--", label="adamw")
+                continue
+            axis.plot(rhos, [100 * m for m in means], marker="o", color=colors[method], label=method)
+            for r in delayed:
+                axis.scatter(float(r["rho"]), 100 * float(r["best_test_acc"]), color=colors[method], s=10,
+                             alpha=0.5)
+        axis.set_xscale("log")
+        axis.set_xlabel("ρ")
+        axis.set_ylabel("best test accuracy (%)")
+        axis.set_title(model)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------------------------- driver
+def command_for(run: Run, args: argparse.Namespace) -> str:
+    parts = ["python", "benchmarks/accuracy.py", "--plan", run.plan, "--only", run.run_id]
+    if args.epochs:
+        parts += ["--epochs", str(args.epochs)]
+    return shlex.join(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--plan", choices=sorted(PLANS), default="cpu")
+    parser.add_argument("--data", default=os.environ.get("CIFAR10_NPZ", str(DEFAULT_DATA)),
+                        help="folder with CIFAR-10 train.npz/test.npz")
+    parser.add_argument("--accelerator", default="auto")
+    parser.add_argument("--epochs", type=int, default=None, help="override the plan's epochs")
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/accuracy_<plan>")
+    parser.add_argument("--only", default=None, help="run (or rerun) this run id only")
+    parser.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
+    parser.add_argument("--report", action="store_true", help="only rebuild the table and the plot")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:  # one run, in this fresh process
+        run = Run(**json.loads(args.child))
+        print(json.dumps(train(run, args.data, args.accelerator, args.epochs)))
+        return
+
+    out = args.out or ROOT / "results" / f"accuracy_{args.plan}"
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "runs.csv"
+    done = 0
+    while not args.report:
+        rows = read_rows(csv_path)
+        finished = {r["run_id"] for r in rows}
+        pending = [r for r in planned_runs(args.plan, rows) if r.run_id not in finished]
+        if args.only:
+            pending = [r for r in planned_runs(args.plan, rows) if r.run_id == args.only][:1]
+        if not pending or (args.max_runs is not None and done >= args.max_runs):
+            break
+        run = pending[0]
+        print(f"[{time.strftime('%H:%M:%S')}] {run.run_id}", flush=True)
+        child = [sys.executable, str(Path(__file__).resolve()), "--plan", args.plan, "--data", args.data,
+                 "--accelerator", args.accelerator, "--child", json.dumps(asdict(run))]
+        if args.epochs:
+            child += ["--epochs", str(args.epochs)]
+        result = subprocess.run(child, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"{run.run_id} failed:\n{result.stderr[-4000:]}")
+        row = json.loads(result.stdout.strip().splitlines()[-1])
+        row["command"] = command_for(run, args)
+        new_file = not csv_path.is_file()
+        with csv_path.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=FIELDS)
+            if new_file:
+                writer.writeheader()
+            writer.writerow({k: row.get(k, "") for k in FIELDS})
+        print(f"    best {100 * row['best_test_acc']:.2f} %  final {100 * row['final_test_acc']:.2f} %  "
+              f"{row['wall_s'] / 60:.1f} min", flush=True)
+        done += 1
+        if args.only:
+            break
+    rows = read_rows(csv_path)
+    if rows:
+        print(report(args.plan, rows, out))
+    else:
+        print("no finished runs yet")
+
+
+if __name__ == "__main__":
+    main()
