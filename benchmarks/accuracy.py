@@ -44,7 +44,7 @@ PLANS = {
     # (models, epochs, {method: ρ sweep}, delayed start, batch size, extra trainer options)
     "cpu": {
         "models": ["mixer_128_4", "vit_128_4"],
-        "epochs": 4,
+        "epochs": 2,
         "rhos": {"adamw": [0.0], "sam": [0.05, 0.2], "samon": [0.5, 2.0], "nusam": [0.1, 0.4]},
         "start": 0.1,
         "seeds": [0, 1],

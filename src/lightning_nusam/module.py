@@ -238,5 +238,5 @@ class SAMMixin:
             self.log("sam/loss_perturbed", loss_perturbed, **log)
             self.log("sam/sharpness", loss_perturbed - loss, **log)
         if callback.has_perturbation:
-            skipped = float(callback.perturbation.skipped_steps)
+            skipped = callback.perturbation.skipped_count  # a device tensor: no sync per step
             self.log("sam/skipped_steps", skipped, on_step=True, on_epoch=True, reduce_fx="max")

@@ -68,6 +68,11 @@ class Perturbation(abc.ABC):
         """Steps whose gradients were not finite, so that no perturbation was applied."""
         return int(self._skipped)
 
+    @property
+    def skipped_count(self) -> torch.Tensor:
+        """``skipped_steps`` as a float tensor, without a host synchronisation (for logging)."""
+        return torch.as_tensor(self._skipped).float()
+
     @torch.no_grad()
     def perturb(self) -> None:
         """Read ``p.grad`` of the selected parameters and add ``ε`` to them in place."""
