@@ -1,8 +1,9 @@
 """Two-process FSDP2 (Lightning's ModelParallelStrategy, gloo, CPU), launched by test_fsdp.py.
 
-Modes: ``train`` (32-true, checkpoints every 3 steps; records full weights per step, the
-communication of each perturb() and any full-tensor materialisation), ``resume`` (from the
-step-3 checkpoint of ``train``), ``bf16`` (bf16-mixed trains). Results go to OUT/<mode>.pt.
+Modes: ``train`` (νSAM, 32-true, checkpoints every 3 steps; records full weights per step,
+the communication of each perturb() and any full-tensor materialisation), ``resume`` (from the
+step-3 checkpoint of ``train``), ``bf16`` (bf16-mixed trains), ``sam`` and ``samon`` (the ℓ2
+methods, 32-true). Results go to OUT/<mode>_rank<r>.pt.
 """
 
 import sys
@@ -17,7 +18,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from lightning_helpers import Classifier, classification_data, trainer
-from lightning_nusam import NuSAM
+from lightning_nusam import SAM, SAMON, NuSAM
 from lightning_nusam.data import ResumableDataLoader
 
 
@@ -74,7 +75,7 @@ class Recorder(Callback):
 
 def main(out_dir: str, mode: str) -> None:
     out = Path(out_dir)
-    sam = NuSAM(rho=0.5)
+    sam = {"sam": SAM(rho=0.1), "samon": SAMON(rho=0.5)}.get(mode, NuSAM(rho=0.5))
     recorder = Recorder(sam)
     callbacks = [sam, recorder]
     if mode == "train":
@@ -94,7 +95,8 @@ def main(out_dir: str, mode: str) -> None:
         "materialised": recorder.materialised,
         "held_rank": perturbation.held_numel(),
         "held_total": perturbation.held_numel(total=True),
-        "local_u": {n: u.clone() for n, (u, _) in perturbation.singular_vectors().items()},
+        "local_u": {n: u.clone() for n, (u, _) in perturbation.singular_vectors().items()}
+        if hasattr(perturbation, "singular_vectors") else {},
         "matrix_shapes": {n: tuple(p.shape) for n, p in zip(perturbation.parameter_names,
                                                            perturbation.parameters, strict=True)},
         "loss": float(run.callback_metrics["train/loss_epoch"]) if "train/loss_epoch" in run.callback_metrics

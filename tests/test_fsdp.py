@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lightning_helpers import Classifier, classification_data, loader, subprocess_env, trainer
-from lightning_nusam import NuSAM
+from lightning_nusam import SAM, SAMON, NuSAM
 
 HERE = Path(__file__).resolve().parent
 STEPS = 6
@@ -31,16 +31,21 @@ def runs(tmp_path_factory):
     return {"train": launch(out, "train"), "resume": launch(out, "resume")}
 
 
-@pytest.fixture(scope="module")
-def single_process_weights():
+def single_process_run(callback_class, rho):
+    """One process, batch 8 = the union of the two ranks' batches of 4 at every step."""
     weights = []
 
-    class Record(NuSAM):
+    class Record(callback_class):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             weights.append([p.detach().clone() for p in pl_module.parameters()])
 
-    trainer(max_steps=STEPS, callbacks=[Record(rho=0.5)]).fit(Classifier(), loader(classification_data(), 8))
+    trainer(max_steps=STEPS, callbacks=[Record(rho=rho)]).fit(Classifier(), loader(classification_data(), 8))
     return weights
+
+
+@pytest.fixture(scope="module")
+def single_process_weights():
+    return single_process_run(NuSAM, 0.5)
 
 
 def max_difference(a, b) -> float:
@@ -82,6 +87,17 @@ def test_fsdp2_bf16_mixed_trains(tmp_path):
     assert len(rank0["weights"]) == STEPS and rank0["materialised"] == 0
     assert all(torch.isfinite(w).all() for w in rank0["weights"][-1])
     assert max_difference(rank0["weights"][-1], rank1["weights"][-1]) == 0.0
+
+
+@pytest.mark.parametrize(("mode", "callback_class", "rho"), [("sam", SAM, 0.1), ("samon", SAMON, 0.5)])
+def test_fsdp2_sam_and_samon_global_norm_equal_single_process(tmp_path, mode, callback_class, rho):
+    rank0, rank1 = launch(tmp_path, mode)
+    reference = single_process_run(callback_class, rho)
+    deviation = max(max_difference(rank0["weights"][s], reference[s]) for s in range(STEPS))
+    print(f"{mode}: max |w_fsdp2 - w_single| over {STEPS} steps: {deviation:.3e}")
+    assert deviation <= 1e-5
+    assert rank0["materialised"] == 0 and rank0["reduced_numel"] == [1] * STEPS  # one scalar: ‖g‖²
+    assert rank0["held_total"] == rank0["held_rank"] + rank1["held_rank"]
 
 
 def test_m_sam_is_refused_under_model_parallel_strategy():
