@@ -45,7 +45,9 @@ PLANS = {
     "cpu": {
         "models": ["mixer_128_4", "vit_128_4"],
         "epochs": 2,
-        "rhos": {"adamw": [0.0], "sam": [0.05, 0.2], "samon": [0.5, 2.0], "nusam": [0.1, 0.4]},
+        # νSAM's ρ is per matrix (the whole perturbation has Frobenius norm ρ·√#matrices), and at
+        # 2 epochs 0.1 and 0.4 were far too large; 0.02 was added after those runs, as for SAM.
+        "rhos": {"adamw": [0.0], "sam": [0.02, 0.05, 0.2], "samon": [0.5, 2.0], "nusam": [0.02, 0.1, 0.4]},
         "start": 0.1,
         "seeds": [0, 1],
         "batch_size": 128,
@@ -243,7 +245,8 @@ def plot(plan_name: str, rows: list[dict], path: Path) -> None:
         axis.set_ylabel("best test accuracy (%)")
         axis.set_title(model)
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
