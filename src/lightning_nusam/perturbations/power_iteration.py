@@ -32,15 +32,8 @@ def power_iteration(
         >>> round(float(sigma), 4), u.abs().argmax().item()
         (3.0, 0)
     """
-    v = u.new_empty(matrix.shape[1])
-    sigma = u.new_zeros(())
-    for _ in range(iterations):
-        v = torch.mv(matrix.t(), u)
-        v = v / (torch.linalg.vector_norm(v) + tau)
-        u = torch.mv(matrix, v)
-        sigma = torch.linalg.vector_norm(u)
-        u = u / (sigma + tau)
-    return u, v, sigma
+    u, v, sigma = looped_power_iteration([matrix], u.unsqueeze(0), iterations, tau)
+    return u[0], v[0], sigma[0]
 
 
 def batched_power_iteration(
