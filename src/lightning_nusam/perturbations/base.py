@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lightning_nusam.perturbations.selection import SelectedParameter
+from lightning_nusam.perturbations.sharding import RowSharding, all_reduce_sum, local
 
 #: τ of Algorithm 2: keeps the normalisations finite for a zero gradient.
 DEFAULT_TAU = 1e-12
@@ -106,7 +107,17 @@ class Perturbation(abc.ABC):
         For sharded parameters this is what this rank holds; ``total=True`` sums over the ranks
         (a collective call) where a subclass supports sharding, and equals it otherwise.
         """
-        return sum(t.numel() for t in self.held_tensors())
+        count = sum(t.numel() for t in self.held_tensors())
+        sharding = self._sharding() if total else None
+        if sharding is None:
+            return count
+        device = local(self._selected[0].parameter.detach()).device
+        counts = torch.tensor([count], dtype=torch.int64, device=device)
+        return int(all_reduce_sum(counts, sharding.group).item())
+
+    def _sharding(self) -> RowSharding | None:
+        """The row sharding of the perturbed parameters (None when none is sharded)."""
+        return None
 
     def perturbed_numel(self) -> int:
         """How many weights :meth:`perturb` may change (what SAM would have to copy)."""

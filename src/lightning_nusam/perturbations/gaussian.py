@@ -15,7 +15,7 @@ from torch import nn
 
 from lightning_nusam.perturbations.base import Perturbation
 from lightning_nusam.perturbations.selection import nothing_to_perturb, select_all
-from lightning_nusam.perturbations.sharding import all_reduce_sum, local, row_sharding
+from lightning_nusam.perturbations.sharding import RowSharding, all_reduce_sum, local, row_sharding
 
 _STEP_STRIDE = 1_000_003  # a prime: distinct (seed, step) pairs give distinct generator seeds
 
@@ -99,6 +99,9 @@ class GaussianPerturbation(Perturbation):
 
     def held_tensors(self) -> Iterator[torch.Tensor]:
         yield self._scale
+
+    def _sharding(self) -> RowSharding | None:
+        return next((s for s in self._shardings if s is not None), None)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "seed": self.seed}

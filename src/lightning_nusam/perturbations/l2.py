@@ -143,14 +143,8 @@ class L2Perturbation(Perturbation):
     def held_tensors(self) -> Iterator[torch.Tensor]:
         yield from self._backups
 
-    def held_numel(self, total: bool = False) -> int:
-        """Numbers held by this rank (``total=True``: summed over the ranks, a collective)."""
-        count = super().held_numel()  # this rank's tensors
-        sharding = next((s for s in self._shardings if s is not None), None)
-        if total and sharding is not None:
-            counts = torch.tensor([count], dtype=torch.int64, device=self._backups[0].device)
-            return int(all_reduce_sum(counts, sharding.group).item())
-        return count
+    def _sharding(self) -> RowSharding | None:
+        return next((s for s in self._shardings if s is not None), None)
 
 
 class NormLayerPerturbation(L2Perturbation):

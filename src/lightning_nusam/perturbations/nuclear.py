@@ -290,15 +290,8 @@ class NuclearPerturbation(Perturbation):
             yield group.u
             yield group.v
 
-    def held_numel(self, total: bool = False) -> int:
-        """Numbers held by this rank (``total=True``: summed over the ranks that share the
-        sharded matrices, a collective call)."""
-        count = super().held_numel()  # this rank's tensors
-        sharded = [g.sharding for g in self._groups if g.sharding is not None]
-        if total and sharded:
-            counts = torch.tensor([count], dtype=torch.int64, device=self._groups[0].u.device)
-            return int(all_reduce_sum(counts, sharded[0].group).item())
-        return count
+    def _sharding(self) -> RowSharding | None:
+        return next((g.sharding for g in self._groups if g.sharding is not None), None)
 
     def singular_vectors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{name: (u, v)}`` of the last step (``v`` includes any νSAM-Norm scale)."""
