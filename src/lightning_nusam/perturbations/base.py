@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lightning_nusam.perturbations.selection import SelectedParameter
-from lightning_nusam.perturbations.sharding import RowSharding, all_reduce_sum, local
+from lightning_nusam.perturbations.sharding import RowSharding, all_reduce_sum, local, row_sharding
 
 #: τ of Algorithm 2: keeps the normalisations finite for a zero gradient.
 DEFAULT_TAU = 1e-12
@@ -45,6 +45,8 @@ class Perturbation(abc.ABC):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
         self.rho = check_rho(rho)
         self._selected = selected
+        # Per selected parameter: its row sharding under FSDP2 (a DTensor), None when replicated.
+        self._shardings = [row_sharding(item.name, item.parameter) for item in selected]
         self._is_perturbed = False
         self.steps = 0
         self._skipped = 0
@@ -117,7 +119,7 @@ class Perturbation(abc.ABC):
 
     def _sharding(self) -> RowSharding | None:
         """The row sharding of the perturbed parameters (None when none is sharded)."""
-        return None
+        return next((s for s in self._shardings if s is not None), None)
 
     def perturbed_numel(self) -> int:
         """How many weights :meth:`perturb` may change (what SAM would have to copy)."""

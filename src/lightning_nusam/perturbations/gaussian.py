@@ -15,7 +15,7 @@ from torch import nn
 
 from lightning_nusam.perturbations.base import Perturbation
 from lightning_nusam.perturbations.selection import nothing_to_perturb, select_all
-from lightning_nusam.perturbations.sharding import RowSharding, all_reduce_sum, local, row_sharding
+from lightning_nusam.perturbations.sharding import all_reduce_sum, local
 
 _STEP_STRIDE = 1_000_003  # a prime: distinct (seed, step) pairs give distinct generator seeds
 
@@ -52,9 +52,8 @@ class GaussianPerturbation(Perturbation):
             raise nothing_to_perturb(model, "GaussianPerturbation selected no parameters")
         super().__init__(model, rho, selected)
         self.seed = int(seed)
-        # Row-sharded parameters draw their local rows from a rank-specific stream; the norm
-        # is one all-reduced scalar (replicated parameters are counted on rank 0 only).
-        self._shardings = [row_sharding(item.name, item.parameter) for item in selected]
+        # Row-sharded parameters (``self._shardings``) draw their local rows from a rank-specific
+        # stream; the norm is one all-reduced scalar (replicated parameters counted on rank 0 only).
         self._scale = torch.zeros(())
         self._applied: list[int] = []
         self._applied_seed = 0
@@ -79,7 +78,7 @@ class GaussianPerturbation(Perturbation):
         if not indices:
             return
         step_seed = self.seed * _STEP_STRIDE + self.steps
-        sharding = next((s for s in self._shardings if s is not None), None)
+        sharding = self._sharding()
         squared = torch.zeros((), dtype=torch.float64)
         for i, _, noise in self._noise(step_seed, indices):
             if sharding is None or self._shardings[i] is not None or sharding.rank == 0:
@@ -99,9 +98,6 @@ class GaussianPerturbation(Perturbation):
 
     def held_tensors(self) -> Iterator[torch.Tensor]:
         yield self._scale
-
-    def _sharding(self) -> RowSharding | None:
-        return next((s for s in self._shardings if s is not None), None)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "seed": self.seed}

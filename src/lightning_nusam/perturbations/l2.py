@@ -21,7 +21,7 @@ from lightning_nusam.perturbations.selection import (
     select_all,
     select_norm_layers,
 )
-from lightning_nusam.perturbations.sharding import RowSharding, all_reduce_sum, local, row_sharding
+from lightning_nusam.perturbations.sharding import RowSharding, all_reduce_sum, local
 
 
 def squared_norm(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -102,7 +102,6 @@ class L2Perturbation(Perturbation):
             raise ValueError(f"`tau` must be >= 0, got {tau}")
         super().__init__(model, rho, selected)
         self.tau = float(tau)
-        self._shardings = [row_sharding(item.name, item.parameter) for item in selected]
         common_sharding(self.parameter_names, self._shardings)
         # One buffer per parameter (this rank's rows when sharded) for the weights before the
         # perturbation, allocated once (``empty_like`` touches no memory until written).
@@ -142,9 +141,6 @@ class L2Perturbation(Perturbation):
 
     def held_tensors(self) -> Iterator[torch.Tensor]:
         yield from self._backups
-
-    def _sharding(self) -> RowSharding | None:
-        return next((s for s in self._shardings if s is not None), None)
 
 
 class NormLayerPerturbation(L2Perturbation):

@@ -35,7 +35,6 @@ from lightning_nusam.perturbations.sharding import (
     all_gather_rows,
     all_reduce_sum,
     local,
-    row_sharding,
 )
 
 #: Largest number of gradient entries stacked at once by the batched power iteration
@@ -158,18 +157,19 @@ class NuclearPerturbation(Perturbation):
         self.batched = batched
         self.max_stack_numel = int(max_stack_numel)
         self.tau = float(tau)
-        self._groups = self._build_groups(selected, seed)
+        self._groups = self._build_groups(selected, self._shardings, seed)
         self._skipped: torch.Tensor | int = 0
 
     # ----------------------------------------------------------------------------- setup
     @staticmethod
-    def _build_groups(selected: list[SelectedParameter], seed: int) -> list[_ShapeGroup]:
+    def _build_groups(
+        selected: list[SelectedParameter], item_shardings: list[RowSharding | None], seed: int
+    ) -> list[_ShapeGroup]:
         generator = torch.Generator().manual_seed(seed)
         by_key: dict[tuple, list[SelectedParameter]] = {}
         shardings: dict[tuple, RowSharding | None] = {}
-        for item in selected:
+        for item, sharding in zip(selected, item_shardings, strict=True):
             n, m = item.parameter.shape[0], math.prod(item.parameter.shape[1:])
-            sharding = row_sharding(item.name, item.parameter)
             group_id = None if sharding is None else id(sharding.group)
             key = (n, m, item.parameter.dtype, local(item.parameter.detach()).device, group_id)
             by_key.setdefault(key, []).append(item)
@@ -289,9 +289,6 @@ class NuclearPerturbation(Perturbation):
         for group in self._groups:
             yield group.u
             yield group.v
-
-    def _sharding(self) -> RowSharding | None:
-        return next((g.sharding for g in self._groups if g.sharding is not None), None)
 
     def singular_vectors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{name: (u, v)}`` of the last step (``v`` includes any νSAM-Norm scale)."""
