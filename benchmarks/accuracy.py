@@ -328,13 +328,15 @@ def main(argv: list[str] | None = None) -> None:
     done = 0
     while not args.report:
         rows = read_rows(csv_path)
-        finished = {r["run_id"] for r in rows}
-        pending = [r for r in planned_runs(args.plan, rows) if r.run_id not in finished]
+        planned = planned_runs(args.plan, rows)
         if args.only:
-            pending = [r for r in planned_runs(args.plan, rows) if r.run_id == args.only][:1]
+            pending = [r for r in planned if r.run_id == args.only]
             if not pending:
                 raise SystemExit(f"--only {args.only}: not a run of plan {args.plan!r} (yet: the seeds of "
                                  "the second phase exist once the first phase has chosen ρ)")
+        else:
+            finished = {r["run_id"] for r in rows}
+            pending = [r for r in planned if r.run_id not in finished]
         if not pending or (args.max_runs is not None and done >= args.max_runs):
             break
         run = pending[0]
