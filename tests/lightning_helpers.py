@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -15,6 +18,17 @@ def classification_data(n: int = 48, features: int = 6, classes: int = 3, seed: 
     inputs = torch.randn(n, features, generator=generator)
     labels = (inputs[:, :classes] + 0.3 * torch.randn(n, classes, generator=generator)).argmax(1)
     return TensorDataset(inputs, labels)
+
+
+def write_fake_cifar(folder: Path, train: int = 64, test: int = 32) -> Path:
+    """A tiny CIFAR-shaped ``train.npz``/``test.npz`` pair (random pixels, labels 0..9, valid for
+    CIFAR-10 and CIFAR-100 heads) in ``folder``, for ``CIFARDataModule(npz_dir=folder)``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = np.random.default_rng(0)
+    for split, n in (("train", train), ("test", test)):
+        images = generator.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+        np.savez(folder / f"{split}.npz", images=images, labels=np.arange(n) % 10)
+    return folder
 
 
 def make_net(features: int = 6, classes: int = 3, batchnorm: bool = False, dropout: float = 0.0) -> nn.Module:

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lightning_helpers import write_fake_cifar
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -19,17 +21,6 @@ def load_study():
     return study
 
 
-def fake_cifar(folder: Path) -> Path:
-    """CIFAR-10-shaped ``train.npz``/``test.npz`` whose class is the brightness of the image."""
-    rng = np.random.default_rng(0)
-    folder.mkdir()
-    for name, count in (("train", 300), ("test", 150)):
-        labels = rng.integers(0, 10, count)
-        images = (labels[:, None, None, None] * 25 + rng.integers(0, 25, (count, 32, 32, 3))).astype(np.uint8)
-        np.savez(folder / f"{name}.npz", images=images, labels=labels)
-    return folder
-
-
 def read(path: Path) -> list[dict]:
     with path.open() as handle:
         return list(csv.DictReader(handle))
@@ -37,7 +28,7 @@ def read(path: Path) -> list[dict]:
 
 def test_study_runs_both_phases_resumes_and_reports(tmp_path):
     study = load_study()
-    data, out = fake_cifar(tmp_path / "cifar"), tmp_path / "out"
+    data, out = write_fake_cifar(tmp_path / "cifar", train=300, test=150), tmp_path / "out"
     common = ["--plan", "smoke", "--data", str(data), "--out", str(out), "--accelerator", "cpu"]
 
     study.main([*common, "--max-runs", "3"])  # phase 1: every ρ with seed 0

@@ -4,10 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
+from lightning_helpers import write_fake_cifar
 from lightning_nusam.cli import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,13 +18,7 @@ METHOD_CONFIGS = sorted((CONFIGS / "methods").glob("*.yaml"))
 
 @pytest.fixture(scope="module")
 def fake_cifar(tmp_path_factory) -> Path:
-    """A tiny CIFAR-shaped .npz pair (labels 0..9, valid for CIFAR-10 and CIFAR-100 heads)."""
-    folder = tmp_path_factory.mktemp("fake_cifar")
-    generator = np.random.default_rng(0)
-    for split, n in (("train", 64), ("test", 32)):
-        images = generator.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
-        np.savez(folder / f"{split}.npz", images=images, labels=np.arange(n) % 10)
-    return folder
+    return write_fake_cifar(tmp_path_factory.mktemp("fake_cifar"))
 
 
 def reduced_size_arguments(config: Path, tmp_path: Path, fake_cifar: Path) -> list[str]:
