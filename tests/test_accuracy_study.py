@@ -67,3 +67,18 @@ def test_study_runs_both_phases_resumes_and_reports(tmp_path):
 
     with pytest.raises(SystemExit, match="not a run of plan"):
         study.main([*common, "--only", "mixer_32_2-sam-rho0.1-start0.1-seed0"])
+
+
+def test_noise_plan_records_memorisation_on_the_training_set(tmp_path):
+    study = load_study()
+    data, out = write_fake_cifar(tmp_path / "cifar", train=300, test=150), tmp_path / "out"
+    study.main(["--plan", "noise_smoke", "--data", str(data), "--out", str(out), "--accelerator", "cpu",
+                "--max-runs", "1"])
+    (row,) = read(out / "runs.csv")
+    assert row["run_id"] == "mixer_32_2-adamw-rho0-start0-seed0" and float(row["label_noise"]) == 0.4
+    for key in ("train_acc_clean", "train_acc_noisy_memorised", "train_acc_noisy_true"):
+        assert 0.0 <= float(row[key]) <= 1.0
+    # the noisy part's wrong and true labels differ everywhere, so the two accuracies cannot overlap
+    assert float(row["train_acc_noisy_memorised"]) + float(row["train_acc_noisy_true"]) <= 1.0
+    table = (out / "results.md").read_text()
+    assert "noisy part memorised (%)" in table and "40 % of the training labels" in table

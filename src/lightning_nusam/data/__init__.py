@@ -1,4 +1,4 @@
-"""Data: the embedded digits, CIFAR-10/100, and a resumable data order."""
+"""Data: the embedded digits, CIFAR-10/100, label noise, and a resumable data order."""
 
 from lightning_nusam.data.datamodules import (
     CIFAR_STATS,
@@ -7,6 +7,7 @@ from lightning_nusam.data.datamodules import (
     ImageArrayDataset,
     load_npz,
 )
+from lightning_nusam.data.label_noise import NoisyLabels, symmetric_label_noise
 from lightning_nusam.data.resumable import ResumableDataLoader, ResumableSampler
 
 __all__ = [
@@ -14,7 +15,9 @@ __all__ = [
     "CIFARDataModule",
     "DigitsDataModule",
     "ImageArrayDataset",
+    "NoisyLabels",
     "ResumableDataLoader",
     "ResumableSampler",
     "load_npz",
+    "symmetric_label_noise",
 ]

@@ -7,6 +7,7 @@ mid-epoch continues with the same data order. Augmentation and normalisation are
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -17,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from lightning_nusam.data.label_noise import NoisyLabels, symmetric_label_noise
 from lightning_nusam.data.resumable import ResumableDataLoader
 
 #: Published per-channel mean/std of the training sets, in [0, 1].
@@ -51,20 +53,51 @@ def _split(n: int, sizes: Sequence[int], seed: int) -> list[torch.Tensor]:
 
 
 class _ImageDataModule(pl.LightningDataModule):
-    """Shared loaders: resumable shuffled training, fixed-order evaluation."""
+    """Shared loaders: resumable shuffled training, fixed-order evaluation, optional label noise."""
 
-    train_set: Dataset
+    num_classes: int
+    train_set: ImageArrayDataset
     val_set: Dataset
     test_set: Dataset
+    #: After ``setup``: the training labels with the flipped ones marked (``label_noise > 0``).
+    noisy_labels: NoisyLabels | None = None
 
-    def __init__(self, batch_size: int, eval_batch_size: int | None, num_workers: int, seed: int) -> None:
+    def __init__(
+        self,
+        batch_size: int,
+        eval_batch_size: int | None,
+        num_workers: int,
+        seed: int,
+        label_noise: float = 0.0,
+        label_noise_seed: int = 0,
+    ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}")
+        if isinstance(label_noise, bool) or not isinstance(label_noise, int | float) \
+                or not 0 <= label_noise < 1:
+            raise ValueError(f"`label_noise` must be a fraction in [0, 1), got {label_noise!r}")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.label_noise = float(label_noise)
+        self.label_noise_seed = int(label_noise_seed)
+
+    def _training_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """The labels to train on: ``labels`` with ``label_noise`` of them replaced (seeded)."""
+        if self.label_noise == 0:
+            self.noisy_labels = None
+            return labels
+        self.noisy_labels = symmetric_label_noise(labels, self.label_noise, self.num_classes,
+                                                  self.label_noise_seed)
+        return self.noisy_labels.labels
+
+    def train_eval_dataloader(self) -> DataLoader:
+        """The training images in a fixed order, without augmentation, with the labels trained on
+        (noisy ones included): to measure how much of the training set, and of its noise, is fit."""
+        dataset = ImageArrayDataset(self.train_set.images, self.train_set.labels, self.eval_transform)
+        return self._eval_loader(dataset)
 
     def _loader_options(self) -> dict:
         return {
@@ -101,6 +134,9 @@ class DigitsDataModule(_ImageDataModule):
 
     A fixed, seeded split into train/val/test; pixels (0..16) are scaled to [0, 1] and
     normalised with the training split's mean and std. Images are ``(1, 8, 8)``.
+    ``label_noise`` replaces that fraction of the training labels by another class (seeded by
+    ``label_noise_seed``; see :func:`~lightning_nusam.data.symmetric_label_noise`); validation
+    and test labels stay clean.
 
     Example:
         >>> data = DigitsDataModule(batch_size=32)
@@ -121,8 +157,10 @@ class DigitsDataModule(_ImageDataModule):
         num_workers: int = 0,
         seed: int = 0,
         split_seed: int = 0,
+        label_noise: float = 0.0,
+        label_noise_seed: int = 0,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, seed)
+        super().__init__(batch_size, eval_batch_size, num_workers, seed, label_noise, label_noise_seed)
         self.val_size, self.test_size, self.split_seed = val_size, test_size, split_seed
 
     def setup(self, stage: str | None = None) -> None:
@@ -135,17 +173,39 @@ class DigitsDataModule(_ImageDataModule):
         train, val, test = _split(len(labels), [train_size, self.val_size, self.test_size], self.split_seed)
         mean, std = images[train].mean(), images[train].std()
         normalise = v2.Normalize([float(mean)], [float(std)])
-        self.train_set = ImageArrayDataset(images[train], labels[train], normalise)
+        self.eval_transform = normalise
+        self.train_set = ImageArrayDataset(images[train], self._training_labels(labels[train]), normalise)
         self.val_set = ImageArrayDataset(images[val], labels[val], normalise)
         self.test_set = ImageArrayDataset(images[test], labels[test], normalise)
 
 
-def load_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """``images`` uint8 ``(N, 32, 32, 3)`` and ``labels`` from an ``.npz`` → NCHW uint8, int64."""
-    with np.load(path) as arrays:
-        images, labels = arrays["images"], arrays["labels"]
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"{path}: `images` must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+def load_npz(path: Path, num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``images`` uint8 ``(N, 32, 32, 3)`` and ``labels`` from an ``.npz`` → NCHW uint8, int64.
+
+    Every problem is reported with the file's path: an unreadable or truncated file, missing
+    arrays, images that are not ``N×32×32×3`` uint8, labels that are not integers in
+    ``[0, num_classes)`` or whose count differs from the images'.
+    """
+    path = Path(path)
+    try:
+        with np.load(path) as arrays:
+            missing = {"images", "labels"} - set(arrays.files)
+            if missing:
+                raise ValueError(f"{path}: no {sorted(missing)} array (it has {sorted(arrays.files)}); "
+                                 "expected `images` (N, 32, 32, 3) uint8 and `labels` (N,)")
+            images, labels = arrays["images"], arrays["labels"]
+    except (OSError, EOFError, zipfile.BadZipFile) as error:  # truncated or not an .npz
+        raise ValueError(f"{path}: cannot read the .npz file ({type(error).__name__}: {error}); "
+                         "is it complete? Re-copy or re-download it") from error
+    if images.dtype != np.uint8 or images.shape[1:] != (32, 32, 3):
+        raise ValueError(f"{path}: `images` must be uint8 of shape (N, 32, 32, 3) (HWC, RGB), "
+                         f"got {images.dtype} {images.shape}")
+    if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{path}: `labels` must be {len(images)} integers (one per image), "
+                         f"got {labels.dtype} {labels.shape}")
+    if num_classes is not None and len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"{path}: labels must be in [0, {num_classes}), found values from "
+                         f"{labels.min()} to {labels.max()}")
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels).long()
 
 
@@ -168,6 +228,10 @@ class CIFARDataModule(_ImageDataModule):
         batch_size, eval_batch_size, num_workers: loader settings.
         seed: data order of the training loader (epoch ``e`` uses ``seed + e``).
         split_seed: seed of the subset/validation split.
+        label_noise: replace this fraction of the training labels by another class, uniformly
+            (symmetric noise, :func:`~lightning_nusam.data.symmetric_label_noise`); validation
+            and test labels stay clean.
+        label_noise_seed: seed of which labels are replaced and by what.
 
     For example, ``CIFARDataModule(npz_dir="../shared/data/cifar10", subset=5000)`` trains on a
     seeded fifth of the local copy of CIFAR-10 and evaluates on its test set.
@@ -190,8 +254,10 @@ class CIFARDataModule(_ImageDataModule):
         eval_subset: int | None = None,
         seed: int = 0,
         split_seed: int = 0,
+        label_noise: float = 0.0,
+        label_noise_seed: int = 0,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, seed)
+        super().__init__(batch_size, eval_batch_size, num_workers, seed, label_noise, label_noise_seed)
         if dataset not in CIFAR_STATS:
             raise ValueError(f"`dataset` must be 'cifar10' or 'cifar100', got {dataset!r}")
         self.dataset = dataset
@@ -220,7 +286,7 @@ class CIFARDataModule(_ImageDataModule):
         path = Path(self.npz_dir).expanduser() / ("train.npz" if train else "test.npz")
         if not path.is_file():
             raise FileNotFoundError(f"`npz_dir`: {path} does not exist")
-        return load_npz(path)
+        return load_npz(path, self.num_classes)
 
     def transforms(self, train: bool) -> v2.Compose:
         mean, std = CIFAR_STATS[self.dataset]
@@ -244,7 +310,9 @@ class CIFARDataModule(_ImageDataModule):
                 "training images"
             )
         train, val = _split(len(labels), [n_train, self.val_size], self.split_seed)
-        self.train_set = ImageArrayDataset(images[train], labels[train], self.transforms(train=True))
+        self.eval_transform = self.transforms(train=False)
+        self.train_set = ImageArrayDataset(images[train], self._training_labels(labels[train]),
+                                           self.transforms(train=True))
         if self.eval_subset is not None:
             keep = _split(len(test_labels), [min(self.eval_subset, len(test_labels))], self.split_seed)[0]
             test_images, test_labels = test_images[keep], test_labels[keep]
