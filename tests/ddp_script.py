@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_helpers import Classifier, classification_data, trainer
+from lightning_helpers import Classifier, PlainClassifier, classification_data, trainer
 from lightning_nusam import NuSAM
 from lightning_nusam.data import ResumableDataLoader
 
@@ -17,32 +17,49 @@ class Recorder(Callback):
 
     def __init__(self, sam):
         self.sam, self.first_grads, self.weights = sam, [], []
+        self.allreduces, self.allreduces_per_step = 0, []
 
     def on_train_start(self, trainer, pl_module):
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def counting_allreduce(state, bucket):  # DDP's gradient all-reduce, one call per bucket
+            self.allreduces += 1
+            return allreduce_hook(state, bucket)
+
+        trainer.strategy.model.register_comm_hook(None, counting_allreduce)
         perturb = self.sam.perturbation.perturb
 
-        def recording_perturb():
+        def recording_perturb(*args, **kwargs):
             self.first_grads.append([p.grad.detach().clone() for p in pl_module.parameters()])
-            perturb()
+            perturb(*args, **kwargs)
 
         self.sam.perturbation.perturb = recording_perturb
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.weights.append([p.detach().clone() for p in pl_module.parameters()])
+        if trainer.global_step > len(self.weights):  # after an optimizer step, not a micro-batch
+            self.weights.append([p.detach().clone() for p in pl_module.parameters()])
+            self.allreduces_per_step.append(self.allreduces)
+            self.allreduces = 0
 
 
 def main(out_dir: str, mode: str, steps: int) -> None:
-    sync = mode == "sync"
-    resync_every = {"sync": 0, "msam": 3, "msam-noresync": 0}[mode]
+    """Modes: ``sync``/``msam``/``msam-noresync`` (SAMMixin), ``dropin``/``dropin-msam`` (the
+    callback on an ordinary module), ``*-accumulate`` (2 micro-batches of 2 per rank and step)."""
+    base = mode.removesuffix("-accumulate")
+    sync = base in ("sync", "dropin")
+    resync_every = {"sync": 0, "msam": 3, "msam-noresync": 0, "dropin": 0, "dropin-msam": 3}[base]
+    accumulate = 2 if mode.endswith("-accumulate") else 1
     sam = NuSAM(rho=0.5, sync_first_pass=sync, resync_every=resync_every)
     recorder = Recorder(sam)
-    module = Classifier()
-    run = trainer(strategy="ddp", devices=2, max_steps=steps, max_epochs=-1, callbacks=[sam, recorder])
-    run.fit(module, ResumableDataLoader(classification_data(), batch_size=4, shuffle=False))
+    dropin = base.startswith("dropin")
+    module = PlainClassifier() if dropin else Classifier(accumulate_grad_batches=accumulate)
+    run = trainer(strategy="ddp", devices=2, max_steps=steps, max_epochs=-1, callbacks=[sam, recorder],
+                  accumulate_grad_batches=accumulate if dropin else 1)
+    run.fit(module, ResumableDataLoader(classification_data(), batch_size=4 // accumulate, shuffle=False))
     rank = run.global_rank
     torch.save(
         {"weights": recorder.weights, "first_grads": recorder.first_grads, "resyncs": sam.resyncs,
-         "world_size": run.world_size},
+         "world_size": run.world_size, "allreduces_per_step": recorder.allreduces_per_step},
         Path(out_dir) / f"{mode}_rank{rank}.pt",
     )
 

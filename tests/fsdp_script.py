@@ -41,7 +41,7 @@ class Recorder(Callback):
         perturbation = self.sam.perturbation
         perturb = perturbation.perturb
 
-        def watched_perturb():
+        def watched_perturb(*args, **kwargs):
             numel = []
             original_all_reduce = dist.all_reduce
             originals = {name: getattr(DTensor, name) for name in ("full_tensor", "redistribute")}
@@ -60,7 +60,7 @@ class Recorder(Callback):
             for name in originals:
                 setattr(DTensor, name, forbidden(name))
             try:
-                perturb()
+                perturb(*args, **kwargs)
             finally:
                 dist.all_reduce = original_all_reduce
                 for name, original in originals.items():

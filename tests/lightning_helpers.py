@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_nusam import SAMMixin
+from lightning_nusam import SAMMixin, sam_pass
 
 
 def classification_data(n: int = 48, features: int = 6, classes: int = 3, seed: int = 0) -> TensorDataset:
@@ -39,6 +39,18 @@ def make_net(features: int = 6, classes: int = 3, batchnorm: bool = False, dropo
     layers += [nn.Tanh(), nn.Dropout(dropout), nn.Linear(16, 16), nn.LayerNorm(16), nn.Tanh(),
                nn.Linear(16, classes)]
     return nn.Sequential(*layers)
+
+
+def configure_optimizers(module: L.LightningModule):
+    """SGD with momentum (or AdamW) and, when ``module.scheduler`` is a dict, a halving StepLR."""
+    if module.optimizer_name == "sgd":
+        optimizer = torch.optim.SGD(module.parameters(), lr=module.lr, momentum=0.9)
+    else:
+        optimizer = torch.optim.AdamW(module.parameters(), lr=module.lr)
+    if module.scheduler is None:
+        return optimizer
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, **module.scheduler}}
 
 
 class Classifier(SAMMixin, L.LightningModule):
@@ -73,14 +85,38 @@ class Classifier(SAMMixin, L.LightningModule):
         self.log("val/loss", nn.functional.cross_entropy(self.net(inputs), labels))
 
     def configure_optimizers(self):
-        if self.optimizer_name == "sgd":
-            optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
-        else:
-            optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr)
-        if self.scheduler is None:
-            return optimizer
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, **self.scheduler}}
+        return configure_optimizers(self)
+
+
+class PlainClassifier(L.LightningModule):
+    """The same classifier as an ordinary module (its own training_step, automatic optimization),
+    for the drop-in: records sam_pass of every training_step call."""
+
+    def __init__(self, net: nn.Module | None = None, lr: float = 0.05, optimizer: str = "sgd",
+                 scheduler: dict | None = None) -> None:
+        super().__init__()
+        self.net = net if net is not None else make_net()
+        self.lr, self.optimizer_name, self.scheduler = lr, optimizer, scheduler
+        self.passes: list[str | None] = []
+
+    @property
+    def loss_calls(self) -> int:
+        return len(self.passes)
+
+    def training_step(self, batch, batch_idx):
+        inputs, labels = batch
+        self.passes.append(sam_pass(self))
+        loss = nn.functional.cross_entropy(self.net(inputs), labels)
+        if sam_pass(self) != "second":
+            self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        inputs, labels = batch
+        self.log("val/loss", nn.functional.cross_entropy(self.net(inputs), labels))
+
+    def configure_optimizers(self):
+        return configure_optimizers(self)
 
 
 def trainer(**kwargs) -> L.Trainer:

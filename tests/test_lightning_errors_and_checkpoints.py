@@ -13,25 +13,8 @@ from lightning_nusam import SAM, SAMON, NuSAM, SAMMixin
 from lightning_nusam.data import ResumableDataLoader
 
 
-class PlainModule(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.net = make_net()
-
-    def training_step(self, batch, batch_idx):
-        return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
 def fit(module, callbacks, **kwargs):
     trainer(max_steps=1, callbacks=callbacks, **kwargs).fit(module, loader(classification_data()))
-
-
-def test_callback_on_a_module_without_the_mixin():
-    with pytest.raises(TypeError, match="SAMMixin"):
-        fit(PlainModule(), [NuSAM(rho=0.1)])
 
 
 def test_callback_with_automatic_optimization():

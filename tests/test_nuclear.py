@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from conftest import TinyViTLike, first_pass
-from lightning_nusam.perturbations import NuclearNormalizedPerturbation, NuclearPerturbation
+from lightning_nusam.perturbations import L2Perturbation, NuclearNormalizedPerturbation, NuclearPerturbation
 from test_power_iteration import matrix_with_gap
 
 MATRICES = ["blocks.0.fc1.weight", "blocks.0.fc2.weight", "blocks.1.fc1.weight",
@@ -319,7 +319,17 @@ def test_model_with_nothing_to_perturb_raises():
     with pytest.raises(ValueError, match="no parameters to perturb"):
         NuclearPerturbation(TinyViTLike(), rho=0.1, include=["nothing*"])
     with pytest.raises(TypeError, match="`include`"):
-        NuclearPerturbation(TinyViTLike(), rho=0.1, include="*fc1*")
+        NuclearPerturbation(TinyViTLike(), rho=0.1, include=["*fc1*", 3])
+
+
+def test_a_single_string_is_one_pattern_not_its_characters():
+    one = NuclearPerturbation(TinyViTLike(), rho=0.1, include="*fc1*", exclude="blocks.1.*")
+    assert one.parameter_names == ["blocks.0.fc1.weight"]
+    assert NuclearPerturbation(TinyViTLike(), rho=0.1, exclude="head.weight").parameter_names == [
+        "blocks.0.fc1.weight", "blocks.0.fc2.weight", "blocks.1.fc1.weight", "blocks.1.fc2.weight"]
+    sam = L2Perturbation(TinyViTLike(), rho=0.1, include="blocks.*", exclude="*bias")
+    assert sam.parameter_names == [f"blocks.{b}.{layer}.weight" for b in (0, 1)
+                                   for layer in ("norm", "fc1", "fc2")]
 
 
 def largest_allocation_bytes(nusam: NuclearPerturbation) -> int:

@@ -1,17 +1,33 @@
-"""lightning-nusam: νSAM (nuclear-norm sharpness-aware minimization) for PyTorch and Lightning."""
+"""lightning-nusam: νSAM (nuclear-norm sharpness-aware minimization) for PyTorch and Lightning.
 
-from lightning_nusam.callbacks import SAM, SAMON, GaussSAM, NuSAM, NuSAMNorm, SharpnessAwareCallback
-from lightning_nusam.module import SAMMixin
-from lightning_nusam.perturbations import (
-    GaussianPerturbation,
-    L2Perturbation,
-    NormLayerPerturbation,
-    NuclearNormalizedPerturbation,
-    NuclearPerturbation,
-    Perturbation,
-)
+The pure-PyTorch core (``lightning_nusam.perturbations``) does not import Lightning: the names
+below that need it (the callbacks, the mixin) are imported on first use (PEP 562).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+#: public name → the module that defines it
+_LAZY = {
+    "SAM": "lightning_nusam.callbacks",
+    "SAMON": "lightning_nusam.callbacks",
+    "GaussSAM": "lightning_nusam.callbacks",
+    "NuSAM": "lightning_nusam.callbacks",
+    "NuSAMNorm": "lightning_nusam.callbacks",
+    "SharpnessAwareCallback": "lightning_nusam.callbacks",
+    "SAMMixin": "lightning_nusam.module",
+    "sam_pass": "lightning_nusam.step",
+    "GaussianPerturbation": "lightning_nusam.perturbations",
+    "L2Perturbation": "lightning_nusam.perturbations",
+    "NormLayerPerturbation": "lightning_nusam.perturbations",
+    "NuclearNormalizedPerturbation": "lightning_nusam.perturbations",
+    "NuclearPerturbation": "lightning_nusam.perturbations",
+    "Perturbation": "lightning_nusam.perturbations",
+}
 
 __all__ = [
     "SAM",
@@ -28,4 +44,30 @@ __all__ = [
     "SAMMixin",
     "SharpnessAwareCallback",
     "__version__",
+    "sam_pass",
 ]
+
+if TYPE_CHECKING:
+    from lightning_nusam.callbacks import SAM, SAMON, GaussSAM, NuSAM, NuSAMNorm, SharpnessAwareCallback
+    from lightning_nusam.module import SAMMixin
+    from lightning_nusam.perturbations import (
+        GaussianPerturbation,
+        L2Perturbation,
+        NormLayerPerturbation,
+        NuclearNormalizedPerturbation,
+        NuclearPerturbation,
+        Perturbation,
+    )
+    from lightning_nusam.step import sam_pass
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'lightning_nusam' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

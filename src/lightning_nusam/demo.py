@@ -129,9 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 def first_active_step(trainer: pl.Trainer, sam: SharpnessAwareCallback) -> int | None:
-    if sam.start_epoch is not None:
-        return sam.start_epoch * trainer.num_training_batches
-    return sam._start_step
+    return sam.start_step
 
 
 def print_summary(summary: dict[str, float], method: str, root: Path, plot_path: Path) -> None:

@@ -1,77 +1,73 @@
-"""The two-pass training step as a LightningModule mixin (manual optimization).
+"""SAMMixin: the sharpness-aware step under manual optimization, for explicit control.
 
-One step of a sharpness-aware method (the paper's Algorithm 3)::
-
-    loss = compute_loss(batch)            # first pass at w (all-reduced, or local for m-SAM)
-    backward(loss)
-    perturbation.perturb()                # w ← w + ε, in place
-    zero grads
-    backward(compute_loss(batch))         # second pass at w + ε, always all-reduced
-    perturbation.restore()                # w ← w − ε, in place
-    optimizer.step()                      # exactly once (clipping in on_before_optimizer_step)
-    zero grads; step LR schedulers as configure_optimizers declares
-
-Lightning's precision plugin scales and unscales (16-mixed), its strategy all-reduces (DDP);
-this module only orders the calls. Without a sharpness-aware callback on the Trainer, or before
-the callback's start, the step is a plain one-pass step.
+The mixin runs the step of :mod:`lightning_nusam.step` with ``compute_loss`` and
+``manual_backward``: it supports everything the drop-in does plus ``precision="16-mixed"``
+(Lightning's precision plugin scales and unscales; the mixin only orders the calls), and takes
+the options Lightning refuses under manual optimization (``gradient_clip_val``,
+``accumulate_grad_batches``) in its ``__init__``. Without a sharpness-aware callback on the
+Trainer, or before its start, the step is a plain one-pass step.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
+import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import nn
 
 from lightning_nusam.callbacks import SharpnessAwareCallback
+from lightning_nusam.perturbations.base import is_whole_number
+from lightning_nusam.step import (
+    PLAIN_STEP,
+    DrivesTheStep,
+    PassName,
+    SharpnessAwareStep,
+    StepPlan,
+    log_step,
+    planned_optimizer_steps,
+    sam_pass,
+)
 
 LossOutput = torch.Tensor | Mapping[str, torch.Tensor]
+_PLATEAU_KEYS = ("monitor", "strict", "reduce_on_plateau")
 
 
-@contextlib.contextmanager
-def frozen_running_stats(module: nn.Module) -> Iterator[None]:
-    """Run BatchNorm layers on batch statistics without updating their running statistics.
-
-    ``track_running_stats=False`` in training mode normalises with the batch statistics, as
-    before, but passes no running buffers to ``batch_norm`` and does not count the batch, so
-    ``running_mean``, ``running_var`` and ``num_batches_tracked`` stay exactly as they are.
-    """
-    layers = [
-        m
-        for m in module.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training
-    ]
-    for layer in layers:
-        layer.track_running_stats = False
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.track_running_stats = True
-
-
-class SAMMixin:
-    """Mix into a ``LightningModule`` to train it with a sharpness-aware callback.
+class SAMMixin(DrivesTheStep):
+    """Mix into a ``LightningModule`` to run the sharpness-aware step with explicit control.
 
     Implement ``compute_loss(batch, batch_idx)`` (a scalar loss, or a dict with ``"loss"`` and
     extra tensors to log) instead of ``training_step``; keep ``validation_step`` etc. as usual.
     The step uses manual optimization with exactly one optimizer from ``configure_optimizers``.
+    (An unmodified module gets the same step from the callback alone; the mixin is for
+    ``precision="16-mixed"`` and for code that wants the passes in its own hands.)
 
     Args (keyword-only, passed through ``super().__init__``):
         gradient_clip_val: clip the (unscaled) second-pass gradients to this value. Lightning
             rejects ``Trainer(gradient_clip_val=...)`` under manual optimization.
         gradient_clip_algorithm: ``"norm"`` or ``"value"``.
+        accumulate_grad_batches: micro-batches per optimizer step (Lightning rejects the
+            Trainer's flag under manual optimization). The first pass runs over every micro-
+            batch as it arrives, each loss divided by ``k``; after the last one the perturbation
+            is computed once from the accumulated gradient and the kept micro-batches are
+            replayed at ``w + ε``. A last, partial window steps at the end of the epoch.
 
-    Logged on step and epoch: ``train/loss`` (first pass), ``sam/loss_perturbed``,
-    ``sam/sharpness`` (perturbed − clean loss), ``sam/active``, ``sam/rho`` and
-    ``sam/skipped_steps`` (perturbations skipped for non-finite gradients).
+    Logged on step and epoch: ``train/loss`` (first pass), the extra entries of
+    ``compute_loss``'s dict as ``train/<key>``, and the callback's ``sam/active``, ``sam/rho``,
+    ``sam/loss_perturbed``, ``sam/sharpness`` (perturbed − clean loss) and ``sam/skipped_steps``.
+    ``compute_loss`` runs once per pass: ``self.log`` inside it logs both passes (their mean on
+    epoch); check ``self.sam_pass`` (``"first"``, ``"second"`` or None for a step's only pass)
+    to log once.
+
+    ``ReduceLROnPlateau`` is stepped with the metric named by ``"monitor"`` in the scheduler
+    dict that ``configure_optimizers`` returns (Lightning drops that key under manual
+    optimization; the mixin reads it), at the declared interval, after validation.
 
     Example:
         >>> import lightning as L
+        >>> from torch import nn
         >>> from lightning_nusam import NuSAM
         >>> class Regressor(SAMMixin, L.LightningModule):
         ...     def __init__(self):
@@ -91,23 +87,46 @@ class SAMMixin:
         4
     """
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        configure = cls.__dict__.get("configure_optimizers")
+        if configure is not None and not getattr(configure, "_reads_plateau_monitors", False):
+            cls.configure_optimizers = _reading_plateau_monitors(configure)  # type: ignore[attr-defined]
+
     def __init__(
         self,
         *args: Any,
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: Literal["norm", "value"] = "norm",
+        accumulate_grad_batches: int = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if gradient_clip_val is not None and not gradient_clip_val > 0:
-            raise ValueError(f"`gradient_clip_val` must be > 0 or None, got {gradient_clip_val}")
+        if type(self).training_step is not SAMMixin.training_step:
+            raise TypeError(
+                f"{type(self).__name__} mixes in SAMMixin and defines training_step, which would replace "
+                "the mixin's two-pass step (and train nothing under its manual optimization). Implement "
+                "compute_loss(batch, batch_idx) instead, returning the loss (or a dict with 'loss'); or "
+                "drop SAMMixin and keep training_step: the callback alone then drives the step"
+            )
+        if gradient_clip_val is not None and (isinstance(gradient_clip_val, bool)
+                                              or not isinstance(gradient_clip_val, int | float)
+                                              or not gradient_clip_val > 0):
+            raise ValueError(f"`gradient_clip_val` must be > 0 or None, got {gradient_clip_val!r}")
         if gradient_clip_algorithm not in ("norm", "value"):
             raise ValueError(
                 f"`gradient_clip_algorithm` must be 'norm' or 'value', got {gradient_clip_algorithm!r}"
             )
+        if not is_whole_number(accumulate_grad_batches) or accumulate_grad_batches < 1:
+            raise ValueError(
+                f"`accumulate_grad_batches` must be an integer >= 1, got {accumulate_grad_batches!r}"
+            )
         self.gradient_clip_val = gradient_clip_val
         self.gradient_clip_algorithm = gradient_clip_algorithm
+        self.accumulate_grad_batches = int(accumulate_grad_batches)
         self.automatic_optimization = False
+        self._plateau_monitors: dict[int, tuple[str | None, bool]] = {}
+        self._plain_step: SharpnessAwareStep | None = None
 
     # ----------------------------------------------------------------------------- user API
     def compute_loss(self, batch: Any, batch_idx: int) -> LossOutput:
@@ -121,6 +140,18 @@ class SAMMixin:
         found = [cb for cb in self.trainer.callbacks if isinstance(cb, SharpnessAwareCallback)]
         return found[0] if found else None
 
+    @property
+    def sam_pass(self) -> PassName | None:
+        """The pass running now: ``"first"`` (at ``w``), ``"second"`` (at ``w + ε``), or None
+        (the only pass of a plain or one-pass step)."""
+        return sam_pass(self)  # type: ignore[arg-type]
+
+    @property
+    def estimated_optimizer_steps(self) -> float:
+        """Optimizer steps of this fit with the mixin's accumulation (``inf`` when unknown); use
+        it instead of ``trainer.estimated_stepping_batches``, which counts micro-batches here."""
+        return planned_optimizer_steps(self.trainer, self.accumulate_grad_batches)
+
     # ----------------------------------------------------------------------------- the step
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         optimizer = self.optimizers()
@@ -128,32 +159,66 @@ class SAMMixin:
             raise RuntimeError(
                 f"SAMMixin supports exactly one optimizer; configure_optimizers returned {len(optimizer)}"
             )
-        callback = self.sharpness_aware_callback()
-        active = callback is not None and callback.is_active(self.trainer)
-
-        if not active:
-            loss, extras = self._forward_backward(batch, batch_idx)
-            loss_perturbed = None
-        else:
-            assert callback is not None
-            perturbation = callback.perturbation
-            with self._first_pass_context(callback):
-                loss, extras = self._forward_backward(batch, batch_idx)
-            try:
-                perturbation.perturb()
-                self.zero_grad(set_to_none=True)
-                with self._second_pass_context(callback):
-                    loss_perturbed, _ = self._forward_backward(batch, batch_idx)
-            finally:
-                perturbation.restore()  # before anything can save or evaluate the weights
-
+        trainer, callback = self.trainer, self.sharpness_aware_callback()
+        step = callback.step if callback is not None else self._step_without_callback()
+        accumulate = self.accumulate_grad_batches
+        last = (batch_idx + 1) % accumulate == 0 or trainer.is_last_batch
+        plan = step.begin_micro_batch(trainer, batch, batch_idx)
+        name: PassName | None = "first" if plan.two_pass else None
+        with step.pass_context(trainer.strategy, self, name, last_micro_batch=last):
+            loss, extras = self._forward_backward(step, name, batch, batch_idx)
+        if not last:
+            return loss
+        if plan.two_pass:
+            self._second_pass(step)
+        elif callback is not None:
+            step.after_backward()
+        first, second = step.losses()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self._step_lr_schedulers("step", batch_idx)
-        if active and not callback.sync_first_pass:
-            callback.maybe_resynchronize(self.trainer, self)
-        self._log_step(loss, loss_perturbed, extras, callback, active)
+        step.finish(trainer, self)
+        self.log("train/loss", first if first is not None else loss, prog_bar=True, on_step=True,
+                 on_epoch=True)
+        for key, value in extras.items():
+            self.log(f"train/{key}", value, on_step=True, on_epoch=True)
+        if callback is not None:
+            log_step(self, plan, callback, first, second)
         return loss
+
+    def _second_pass(self, step: SharpnessAwareStep) -> None:
+        """``perturb()``, replay the kept micro-batches at ``w + ε``, ``restore()``."""
+        step.perturb()
+        try:  # restore before anything can save or evaluate the weights
+            self.zero_grad(set_to_none=True)
+            kept = step.micro_batches
+            for position, (batch, batch_idx) in enumerate(kept):
+                last = position == len(kept) - 1
+                with step.pass_context(self.trainer.strategy, self, "second", last_micro_batch=last):
+                    self._forward_backward(step, "second", batch, batch_idx)
+        finally:
+            step.restore()
+
+    def _forward_backward(self, step: SharpnessAwareStep, name: PassName | None, batch: Any,
+                          batch_idx: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        output = self.compute_loss(batch, batch_idx)
+        if isinstance(output, Mapping):
+            if "loss" not in output:
+                raise KeyError("compute_loss returned a dict without a 'loss' entry")
+            extras = {k: v for k, v in output.items() if k != "loss"}
+            loss = output["loss"]
+        else:
+            loss, extras = output, {}
+        self.manual_backward(loss / self.accumulate_grad_batches)
+        step.record_loss(name, loss)
+        return loss.detach(), extras
+
+    def _step_without_callback(self) -> SharpnessAwareStep:
+        """Plain steps (no sharpness-aware callback): the same window, never a perturbation."""
+        if self._plain_step is None:
+            self._plain_step = SharpnessAwareStep(_NoPerturbation())
+        self._plain_step.accumulate_grad_batches = self.accumulate_grad_batches
+        return self._plain_step
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Clip here: Lightning has already unscaled the gradients (16-mixed) at this point."""
@@ -168,35 +233,10 @@ class SAMMixin:
         """Step ``interval="epoch"`` schedulers (after the epoch's validation, as Lightning does)."""
         self._step_lr_schedulers("epoch", None)
 
-    # ----------------------------------------------------------------------------- helpers
-    def _forward_backward(self, batch: Any, batch_idx: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        output = self.compute_loss(batch, batch_idx)
-        if isinstance(output, Mapping):
-            if "loss" not in output:
-                raise KeyError("compute_loss returned a dict without a 'loss' entry")
-            extras = {k: v for k, v in output.items() if k != "loss"}
-            loss = output["loss"]
-        else:
-            loss, extras = output, {}
-        self.manual_backward(loss)
-        return loss.detach(), extras
-
-    def _first_pass_context(self, callback: SharpnessAwareCallback) -> contextlib.AbstractContextManager:
-        stack = contextlib.ExitStack()
-        strategy = self.trainer.strategy
-        if not callback.sync_first_pass and isinstance(strategy, ParallelStrategy):
-            stack.enter_context(strategy.block_backward_sync())  # m-SAM: local first pass
-        if callback.batchnorm_update == "second":
-            stack.enter_context(frozen_running_stats(self))
-        return stack
-
-    def _second_pass_context(self, callback: SharpnessAwareCallback) -> contextlib.AbstractContextManager:
-        if callback.batchnorm_update == "first":
-            return frozen_running_stats(self)
-        return contextlib.nullcontext()
-
+    # ----------------------------------------------------------------------------- schedulers
     def _step_lr_schedulers(self, interval: str, batch_idx: int | None) -> None:
-        """Lightning steps no scheduler under manual optimization; mirror what it does otherwise."""
+        """Lightning steps no scheduler under manual optimization; mirror what it does otherwise
+        (the same interval and frequency counting; plateau schedulers get their metric)."""
         trainer = self.trainer
         for config in trainer.lr_scheduler_configs:
             if config.interval != interval:
@@ -204,39 +244,84 @@ class SAMMixin:
             index = (batch_idx if interval == "step" else trainer.current_epoch) + 1
             if index % config.frequency != 0:
                 continue
-            monitor_value = None
-            if config.reduce_on_plateau:
-                monitor_value = trainer.callback_metrics.get(config.monitor)
-                if monitor_value is None:
-                    message = (
-                        f"ReduceLROnPlateau monitors {config.monitor!r}, which is not logged; "
-                        f"available: {sorted(trainer.callback_metrics)}"
-                    )
-                    if config.strict:
+            metric = None
+            if isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                monitor, strict = self._plateau_monitor(config.scheduler)
+                metric = trainer.callback_metrics.get(monitor)
+                if metric is None:
+                    message = (f"ReduceLROnPlateau monitors {monitor!r}, which is not logged; "
+                               f"available: {sorted(trainer.callback_metrics)}")
+                    if strict:
                         raise RuntimeError(message)
                     rank_zero_warn(message + ". Skipping this learning-rate update.")
                     continue
-            self.lr_scheduler_step(config.scheduler, monitor_value)
+            self.lr_scheduler_step(config.scheduler, metric)
 
-    def _log_step(
-        self,
-        loss: torch.Tensor,
-        loss_perturbed: torch.Tensor | None,
-        extras: Mapping[str, Any],
-        callback: SharpnessAwareCallback | None,
-        active: bool,
-    ) -> None:
-        log = dict(on_step=True, on_epoch=True)
-        self.log("train/loss", loss, prog_bar=True, **log)
-        for name, value in extras.items():
-            self.log(f"train/{name}", value, **log)
-        if callback is None:
-            return
-        self.log("sam/active", float(active), **log)
-        self.log("sam/rho", callback.rho, **log)
-        if loss_perturbed is not None:
-            self.log("sam/loss_perturbed", loss_perturbed, **log)
-            self.log("sam/sharpness", loss_perturbed - loss, **log)
-        if callback.has_perturbation:
-            skipped = callback.perturbation.skipped_count  # a device tensor: no sync per step
-            self.log("sam/skipped_steps", skipped, on_step=True, on_epoch=True, reduce_fx="max")
+    def _plateau_monitor(self, scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau) -> tuple[str, bool]:
+        monitor, strict = self._plateau_monitors.get(id(scheduler), (None, True))
+        monitor = monitor or getattr(scheduler, "monitor", None)  # LightningCLI's ReduceLROnPlateau
+        if not monitor:
+            raise ValueError(
+                "ReduceLROnPlateau needs the metric to monitor: return {'optimizer': ..., "
+                "'lr_scheduler': {'scheduler': ..., 'monitor': 'val/loss'}} from configure_optimizers"
+            )
+        return monitor, strict
+
+    def _remember_plateau_monitors(self, configuration: Any) -> Any:
+        """Take ``monitor``/``strict`` out of the scheduler dicts (Lightning ignores them under
+        manual optimization, with a warning) and remember them for the mixin's own stepping."""
+        def strip(entry: Any) -> Any:
+            if isinstance(entry, Mapping) and "scheduler" in entry:
+                scheduler = entry["scheduler"]
+                if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    self._plateau_monitors[id(scheduler)] = (entry.get("monitor"),
+                                                             bool(entry.get("strict", True)))
+                return {k: v for k, v in entry.items() if k not in _PLATEAU_KEYS}
+            return entry
+
+        if isinstance(configuration, Mapping):
+            configuration = dict(configuration)
+            if "lr_scheduler" in configuration:
+                configuration["lr_scheduler"] = strip(configuration["lr_scheduler"])
+            scheduler = configuration.get("lr_scheduler")
+            plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+            if "monitor" in configuration and plateau:
+                self._plateau_monitors[id(scheduler)] = (configuration.pop("monitor"), True)
+            return configuration
+        if isinstance(configuration, tuple | list) and len(configuration) == 2 \
+                and isinstance(configuration[1], list):
+            return type(configuration)([configuration[0], [strip(entry) for entry in configuration[1]]])
+        return configuration
+
+
+def _reading_plateau_monitors(configure: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a subclass's ``configure_optimizers`` so the mixin learns the plateau monitors."""
+    @functools.wraps(configure)
+    def configure_optimizers(self: SAMMixin, *args: Any, **kwargs: Any) -> Any:
+        return self._remember_plateau_monitors(configure(self, *args, **kwargs))
+
+    configure_optimizers._reads_plateau_monitors = True  # type: ignore[attr-defined]
+    return configure_optimizers
+
+
+class _NoPerturbation:
+    """The policy of a mixin module trained without a sharpness-aware callback: plain steps."""
+
+    sync_first_pass = True
+    batchnorm_update = "first"
+
+    @property
+    def perturbation(self) -> Any:
+        return _Inert()
+
+    def plan_step(self, trainer: pl.Trainer) -> StepPlan:
+        return PLAIN_STEP
+
+    def after_optimizer_step(self, trainer: pl.Trainer, module: pl.LightningModule, plan: StepPlan) -> None:
+        return None
+
+
+class _Inert:
+    def restore(self) -> None:
+        return None
+

@@ -208,7 +208,7 @@ class ImageClassifier(SAMMixin, pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         optimizer = create_optimizer_v2(self.model, "adamw", lr=hp.lr, weight_decay=hp.weight_decay)
-        total = self.trainer.estimated_stepping_batches
+        total = self.estimated_optimizer_steps  # counts optimizer steps under the mixin's accumulation
         if not math.isfinite(total):
             return {"optimizer": optimizer}
         scheduler = warmup_cosine_schedule(

@@ -3,6 +3,11 @@
 A perturbation reads the first-pass gradients (``p.grad``), adds ``ε`` to the selected weights
 in place (:meth:`Perturbation.perturb`), and later removes exactly that ``ε`` in place
 (:meth:`Perturbation.restore`). What it keeps in between is reported by :meth:`held_numel`.
+
+``perturb()`` is two steps that a one-pass step uses apart (see :attr:`Perturbation.supports_one_pass`):
+:meth:`~Perturbation.estimate` reads the gradients and keeps the direction of ``ε`` (νSAM: the
+singular vectors), and :meth:`~Perturbation.apply` adds ``ε`` of a given radius from that
+direction, without reading any gradient.
 """
 
 from __future__ import annotations
@@ -21,7 +26,17 @@ from lightning_nusam.perturbations.sharding import RowSharding, all_reduce_sum, 
 DEFAULT_TAU = 1e-12
 
 
+def is_whole_number(value: object) -> bool:
+    """An ``int`` (not a ``bool``) or an integral finite ``float``: what a count may be given as."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+
+
 def check_rho(rho: float) -> float:
+    """``rho`` as a float, or a ``ValueError`` naming it (negative, NaN, infinite, a bool, a string)."""
+    if isinstance(rho, bool) or not isinstance(rho, int | float):
+        raise ValueError(f"`rho` must be a finite number >= 0 (the perturbation radius), got {rho!r}")
     rho = float(rho)
     if not rho >= 0.0 or rho == float("inf"):  # also rejects NaN
         raise ValueError(f"`rho` must be a finite number >= 0 (the perturbation radius), got {rho}")
@@ -31,14 +46,20 @@ def check_rho(rho: float) -> float:
 class Perturbation(abc.ABC):
     """Base class: step bookkeeping, the perturb/restore protocol and memory accounting.
 
-    Subclasses implement :meth:`_perturb` and :meth:`_restore` and list the tensors they keep in
-    :meth:`held_tensors`. Counters: ``steps`` (calls of :meth:`perturb`) and ``skipped_steps``
-    (steps whose gradients were not finite, e.g. an fp16 overflow, so nothing was added).
+    Subclasses implement :meth:`_estimate`, :meth:`_apply` and :meth:`_restore` and list the
+    tensors they keep in :meth:`held_tensors`. Counters: ``steps`` (perturbations applied) and
+    ``skipped_steps`` (steps whose gradients were not finite, e.g. an fp16 overflow, so
+    nothing was added).
     """
 
-    #: Whether :meth:`restore` returns the weights bit-exactly (it copies them back) rather
-    #: than subtracting ``ε`` (which rounds; see the m-SAM re-synchronisation of the callbacks).
+    #: Whether :meth:`restore` returns every weight bit-exactly (it copies them back, or fixes
+    #: the entries that a subtraction would round elsewhere) rather than subtracting ``ε``,
+    #: which can leave a last-bit rounding (see the m-SAM re-synchronisation of the callbacks).
     exact_restore: bool = False
+    #: Whether :meth:`estimate` and :meth:`apply` can be used apart (a one-pass step applies
+    #: the direction estimated from the previous step's gradient). The ℓ2 methods cannot: their
+    #: direction is the whole gradient, which would have to be kept between steps.
+    supports_one_pass: bool = False
 
     def __init__(self, model: nn.Module, rho: float, selected: list[SelectedParameter]) -> None:
         if not isinstance(model, nn.Module):
@@ -48,6 +69,7 @@ class Perturbation(abc.ABC):
         # Per selected parameter: its row sharding under FSDP2 (a DTensor), None when replicated.
         self._shardings = [row_sharding(item.name, item.parameter) for item in selected]
         self._is_perturbed = False
+        self._applied_rho = 0.0
         self.steps = 0
         self._skipped = 0
 
@@ -76,17 +98,42 @@ class Perturbation(abc.ABC):
         """``skipped_steps`` as a float tensor, without a host synchronisation (for logging)."""
         return torch.as_tensor(self._skipped).float()
 
+    @property
+    def has_direction(self) -> bool:
+        """Whether an :meth:`estimate` has left a direction for :meth:`apply`."""
+        return False
+
+    @property
+    def applied_rho(self) -> float:
+        """The radius of the ``ε`` currently added (0 when none is)."""
+        return self._applied_rho if self._is_perturbed else 0.0
+
     @torch.no_grad()
-    def perturb(self) -> None:
-        """Read ``p.grad`` of the selected parameters and add ``ε`` to them in place."""
-        if self._is_perturbed:
-            raise RuntimeError(
-                f"{type(self).__name__}.perturb() called twice without restore(): call restore() "
-                "after the second backward pass, before the optimizer step"
-            )
-        self._perturb()
-        self._is_perturbed = True
-        self.steps += 1
+    def perturb(self, rho: float | None = None) -> None:
+        """Read ``p.grad`` of the selected parameters and add ``ε`` to them in place.
+
+        ``rho`` overrides :attr:`rho` for this step only (a radius schedule); :meth:`restore`
+        removes exactly what was added whatever :attr:`rho` is then.
+        """
+        self._check_not_perturbed("perturb")
+        self._estimate()
+        self._apply_checked(rho)
+
+    @torch.no_grad()
+    def estimate(self) -> None:
+        """Read ``p.grad`` and keep the direction of the next ``ε`` without touching the weights
+        (the half of :meth:`perturb` that a one-pass step runs after its backward pass)."""
+        self._require_one_pass("estimate")
+        self._check_not_perturbed("estimate")
+        self._estimate()
+
+    @torch.no_grad()
+    def apply(self, rho: float | None = None) -> None:
+        """Add ``ε`` of radius ``rho`` (default :attr:`rho`) along the direction of the last
+        :meth:`estimate`, reading no gradient (the other half of :meth:`perturb`)."""
+        self._require_one_pass("apply")
+        self._check_not_perturbed("apply")
+        self._apply_checked(rho)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -95,6 +142,31 @@ class Perturbation(abc.ABC):
             return
         self._restore()
         self._is_perturbed = False
+        self._applied_rho = 0.0
+
+    def _apply_checked(self, rho: float | None) -> None:
+        radius = self.rho if rho is None else check_rho(rho)
+        self._is_perturbed, self._applied_rho = True, radius
+        try:
+            self._apply(radius)
+        except BaseException:
+            self.restore()  # undo whatever part of ε was added before the error
+            raise
+        self.steps += 1
+
+    def _check_not_perturbed(self, method: str) -> None:
+        if self._is_perturbed:
+            raise RuntimeError(
+                f"{type(self).__name__}.{method}() called while ε is applied (twice without restore()): "
+                "call restore() after the second backward pass, before the optimizer step"
+            )
+
+    def _require_one_pass(self, method: str) -> None:
+        if not self.supports_one_pass:
+            raise RuntimeError(
+                f"{type(self).__name__}.{method}() is not available: its direction is the whole "
+                "gradient, which a one-pass step would have to keep between steps; use perturb()"
+            )
 
     # ----------------------------------------------------------------------------- accounting
     @abc.abstractmethod
@@ -144,7 +216,12 @@ class Perturbation(abc.ABC):
 
     # ----------------------------------------------------------------------------- subclasses
     @abc.abstractmethod
-    def _perturb(self) -> None: ...
+    def _estimate(self) -> None:
+        """Read the gradients and keep what :meth:`_apply` needs (no weight changes)."""
+
+    @abc.abstractmethod
+    def _apply(self, rho: float) -> None:
+        """Add ``ε`` of radius ``rho`` from what :meth:`_estimate` kept."""
 
     @abc.abstractmethod
     def _restore(self) -> None: ...

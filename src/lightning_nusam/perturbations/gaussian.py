@@ -2,7 +2,13 @@
 
 ``ε = ρ e / ‖e‖₂`` with ``e ~ N(0, I)`` over the selected parameters. Nothing of size ``e`` is
 kept: the noise is drawn from a generator seeded per step, one parameter at a time, and drawn
-again from the same seed to remove it, so only the seed and one scalar are held.
+again from the same seed to remove it, so only the seed and one scalar are held (and, for
+bf16/fp16 weights, the few entries whose subtraction would round elsewhere, so that
+``restore`` is exact; see :mod:`~lightning_nusam.perturbations.exact`).
+
+The direction does not depend on the gradient, so the first forward/backward pass of a
+two-pass step is not needed at all: with one-pass steps (``supports_one_pass``) GaussSAM is the
+same method at half the cost.
 """
 
 from __future__ import annotations
@@ -14,7 +20,13 @@ import torch
 from torch import nn
 
 from lightning_nusam.perturbations.base import Perturbation
-from lightning_nusam.perturbations.selection import nothing_to_perturb, select_all
+from lightning_nusam.perturbations.exact import (
+    LOW_PRECISION_DTYPES,
+    RoundingExceptions,
+    add_removably,
+    remove_exactly,
+)
+from lightning_nusam.perturbations.selection import dense_gradient, nothing_to_perturb, select_all
 from lightning_nusam.perturbations.sharding import all_reduce_sum, local
 
 _STEP_STRIDE = 1_000_003  # a prime: distinct (seed, step) pairs give distinct generator seeds
@@ -28,6 +40,8 @@ class GaussianPerturbation(Perturbation):
         rho: the radius ρ ≥ 0.
         seed: base seed; step ``k`` draws its noise from seed ``seed·1000003 + k``.
         include, exclude: name patterns, as for :class:`L2Perturbation`.
+        exact_restore: as for :class:`~lightning_nusam.perturbations.NuclearPerturbation`
+            (default: exact for bf16/fp16 weights).
 
     Example:
         >>> model = nn.Linear(8, 4)
@@ -44,14 +58,23 @@ class GaussianPerturbation(Perturbation):
         rho: float = 0.05,
         *,
         seed: int = 0,
-        include: Sequence[str] | None = None,
-        exclude: Sequence[str] = (),
+        include: Sequence[str] | str | None = None,
+        exclude: Sequence[str] | str = (),
+        exact_restore: bool | None = None,
     ) -> None:
         selected = select_all(model, include=include, exclude=exclude)
         if not selected:
             raise nothing_to_perturb(model, "GaussianPerturbation selected no parameters")
+        if exact_restore not in (None, True, False):
+            raise ValueError(f"`exact_restore` must be None, True or False, got {exact_restore!r}")
         super().__init__(model, rho, selected)
         self.seed = int(seed)
+        dtypes = {item.parameter.dtype for item in selected}
+        self.exact_restore = bool(exact_restore) or (
+            exact_restore is None and dtypes <= set(LOW_PRECISION_DTYPES)
+        )
+        self._estimated: list[int] = []
+        self._exceptions: dict[int, RoundingExceptions] = {}
         # Row-sharded parameters (``self._shardings``) draw their local rows from a rank-specific
         # stream; the norm is one all-reduced scalar (replicated parameters counted on rank 0 only).
         self._scale = torch.zeros(())
@@ -73,8 +96,18 @@ class GaussianPerturbation(Perturbation):
             noise = torch.randn(weight.shape, generator=generator, device=weight.device)
             yield i, weight, noise
 
-    def _perturb(self) -> None:
-        indices = [i for i, item in enumerate(self._selected) if item.parameter.grad is not None]
+    supports_one_pass = True
+
+    @property
+    def has_direction(self) -> bool:
+        return bool(self._estimated)
+
+    def _estimate(self) -> None:
+        """The direction is random: only remember which parameters have a gradient."""
+        self._estimated = [i for i, item in enumerate(self._selected) if dense_gradient(item) is not None]
+
+    def _apply(self, rho: float) -> None:
+        indices = self._estimated
         if not indices:
             return
         step_seed = self.seed * _STEP_STRIDE + self.steps
@@ -86,22 +119,36 @@ class GaussianPerturbation(Perturbation):
         if sharding is not None:
             squared = all_reduce_sum(squared.to(local(self._selected[0].parameter.detach()).device),
                                      sharding.group).cpu()
-        self._scale = torch.tensor(self.rho / max(float(squared), 1e-300) ** 0.5)
-        for _, weight, noise in self._noise(step_seed, indices):
-            weight.add_(noise.mul_(self._scale.item()).to(weight.dtype))
-        self._applied, self._applied_seed = indices, step_seed
+        self._scale = torch.tensor(rho / max(float(squared), 1e-300) ** 0.5)
+        self._applied, self._applied_seed = [], step_seed
+        for i, weight, noise in self._noise(step_seed, indices):
+            epsilon = noise.mul_(self._scale.item())
+            if self.exact_restore:
+                self._exceptions[i] = add_removably(weight, epsilon)
+            else:
+                weight.add_(epsilon.to(weight.dtype))
+            self._applied.append(i)  # restore() undoes exactly the parameters changed so far
 
     def _restore(self) -> None:
-        for _, weight, noise in self._noise(self._applied_seed, self._applied):
-            weight.sub_(noise.mul_(self._scale.item()).to(weight.dtype))
-        self._applied = []
+        for i, weight, noise in self._noise(self._applied_seed, self._applied):
+            epsilon = noise.mul_(self._scale.item())
+            if self.exact_restore:
+                remove_exactly(weight, epsilon, self._exceptions[i])
+            else:
+                weight.sub_(epsilon.to(weight.dtype))
+        self._applied, self._exceptions = [], {}
 
     def held_tensors(self) -> Iterator[torch.Tensor]:
         yield self._scale
+        for exceptions in self._exceptions.values():
+            yield from exceptions.tensors()
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "seed": self.seed}
+        estimated = [self._selected[i].name for i in self._estimated]
+        return {**super().state_dict(), "seed": self.seed, "estimated": estimated}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.seed = int(state_dict["seed"])
+        estimated = set(state_dict.get("estimated", ()))
+        self._estimated = [i for i, item in enumerate(self._selected) if item.name in estimated]

@@ -1,10 +1,14 @@
-"""SAM (Foret et al.) and SAM-ON: the ℓ2-constrained perturbation ``ε = ρ g / ‖g‖₂``.
+"""SAM (Foret et al.), ASAM and SAM-ON: the ℓ2-constrained perturbation ``ε = ρ g / ‖g‖₂``.
 
 ``g`` is the first-pass gradient of the selected parameters, flattened into one vector, so the
 normalisation is global. The closed form of ``argmax_{‖ε‖₂ ≤ ρ} ⟨ε, g⟩`` (the paper's eq. (3)
 and update (SAM)). Restoring by subtraction would round differently from the addition, so, like
 the reference implementations, the perturbed weights are copied before ``ε`` is added and
 copied back by :meth:`restore`: this copy is SAM's memory cost that νSAM removes.
+
+ASAM (Kwon et al., 2021, "adaptive" SAM) measures the ball in the scale-invariant coordinates
+``T⁻¹w`` with ``T = diag(|w| + η)``: ``ε = ρ T² g / ‖T g‖₂``, so that rescaling a layer's weights
+(which leaves a ReLU network's function unchanged) rescales its perturbation with them.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from torch import nn
 from lightning_nusam.perturbations.base import DEFAULT_TAU, Perturbation
 from lightning_nusam.perturbations.selection import (
     SelectedParameter,
+    dense_gradient,
     nothing_to_perturb,
     select_all,
     select_norm_layers,
@@ -67,9 +72,15 @@ class L2Perturbation(Perturbation):
     Args:
         model: the module to perturb.
         rho: the radius ρ ≥ 0 of the ℓ2 ball.
-        include: name patterns; only matching parameters are perturbed (``None``: all).
-        exclude: name patterns never perturbed.
+        include: name patterns; only matching parameters are perturbed (``None``: all). A single
+            string is one pattern.
+        exclude: name patterns never perturbed (a single string is one pattern).
         tau: added to the norm (the ``perturb_eps`` of common implementations).
+        adaptive: ASAM: ``ε = ρ T² g / (‖T g‖₂ + τ)`` with ``T = |w| + adaptive_eta``, elementwise
+            (the ``adaptive=True`` of the reference SAM implementations, which use η = 0). ρ is
+            then a radius in those rescaled coordinates; ASAM's authors use values about 10×
+            larger than SAM's (e.g. 0.5 instead of 0.05).
+        adaptive_eta: η ≥ 0 of ASAM's ``T`` (keeps zero weights perturbable).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
@@ -87,44 +98,74 @@ class L2Perturbation(Perturbation):
         model: nn.Module,
         rho: float = 0.05,
         *,
-        include: Sequence[str] | None = None,
-        exclude: Sequence[str] = (),
+        include: Sequence[str] | str | None = None,
+        exclude: Sequence[str] | str = (),
         tau: float = DEFAULT_TAU,
+        adaptive: bool = False,
+        adaptive_eta: float = 0.0,
     ) -> None:
-        self._init_selected(model, rho, select_all(model, include=include, exclude=exclude), tau)
+        self._init_selected(model, rho, select_all(model, include=include, exclude=exclude), tau,
+                            adaptive, adaptive_eta)
 
     def _init_selected(
-        self, model: nn.Module, rho: float, selected: list[SelectedParameter], tau: float
+        self, model: nn.Module, rho: float, selected: list[SelectedParameter], tau: float,
+        adaptive: bool = False, adaptive_eta: float = 0.0,
     ) -> None:
         if not selected:
             raise nothing_to_perturb(model, f"{type(self).__name__} selected no parameters")
         if not tau >= 0:
             raise ValueError(f"`tau` must be >= 0, got {tau}")
+        if not isinstance(adaptive, bool):
+            raise ValueError(f"`adaptive` must be True or False, got {adaptive!r}")
+        if not adaptive_eta >= 0:
+            raise ValueError(f"`adaptive_eta` must be >= 0, got {adaptive_eta!r}")
         super().__init__(model, rho, selected)
         self.tau = float(tau)
+        self.adaptive, self.adaptive_eta = adaptive, float(adaptive_eta)
         common_sharding(self.parameter_names, self._shardings)
         # One buffer per parameter (this rank's rows when sharded) for the weights before the
         # perturbation, allocated once (``empty_like`` touches no memory until written).
         self._backups = [torch.empty_like(local(item.parameter.detach())) for item in selected]
         self._applied: list[int] = []
+        self._estimated: list[int] = []
+        self._inverse_norm = torch.zeros(())
 
-    def _perturb(self) -> None:
-        indices = [i for i, item in enumerate(self._selected) if item.parameter.grad is not None]
+    def _estimate(self) -> None:
+        """The parameters with a gradient and ``1 / (‖T g‖ + τ)``; the direction is ``g`` itself."""
+        indices = [i for i, item in enumerate(self._selected) if dense_gradient(item) is not None]
+        self._estimated = []
         if not indices:
             return
-        params = [local(self._selected[i].parameter.data) for i in indices]
         grads = [local(self._selected[i].parameter.grad) for i in indices]
+        if self.adaptive:
+            grads = [self._metric(i) * grad for i, grad in zip(indices, grads, strict=True)]
         shardings = [self._shardings[i] for i in indices]
         norm = sharded_squared_norm(grads, shardings, grads[0].device).sqrt()
         if not bool(torch.isfinite(norm)):
             self._skipped += 1
             return
-        scale = self.rho / (norm + self.tau)
+        self._inverse_norm = 1.0 / (norm + self.tau)
+        self._estimated = indices
+
+    def _metric(self, index: int) -> torch.Tensor:
+        """ASAM's ``T = |w| + η`` of one parameter (this rank's rows)."""
+        return local(self._selected[index].parameter.detach()).abs().add_(self.adaptive_eta)
+
+    def _apply(self, rho: float) -> None:
+        indices = self._estimated
+        if not indices:
+            return
+        params = [local(self._selected[i].parameter.data) for i in indices]
+        grads = [local(self._selected[i].parameter.grad) for i in indices]
+        scale = rho * self._inverse_norm
         backups = [self._backup_for(i) for i in indices]
         torch._foreach_copy_(backups, params)
-        for param, grad in zip(params, grads, strict=True):
-            param.addcmul_(grad, scale)  # w ← w + g·ρ/‖g‖, fused: no temporary of ε
-        self._applied = indices
+        self._applied = indices  # from here on restore() copies all of them back
+        for index, param, grad in zip(indices, params, grads, strict=True):
+            if self.adaptive:  # w ← w + T²g·ρ/‖Tg‖
+                param.add_(self._metric(index).square_().mul_(grad).mul_(scale.to(param.dtype)))
+            else:
+                param.addcmul_(grad, scale)  # w ← w + g·ρ/‖g‖, fused: no temporary of ε
 
     def _restore(self) -> None:
         if self._applied:

@@ -22,11 +22,18 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lightning_nusam.perturbations.base import DEFAULT_TAU, Perturbation
+from lightning_nusam.perturbations.base import DEFAULT_TAU, Perturbation, is_whole_number
+from lightning_nusam.perturbations.exact import (
+    LOW_PRECISION_DTYPES,
+    RoundingExceptions,
+    add_removably,
+    remove_exactly,
+)
 from lightning_nusam.perturbations.power_iteration import batched_power_iteration, looped_power_iteration
 from lightning_nusam.perturbations.selection import (
     DEFAULT_NUCLEAR_EXCLUDE,
     SelectedParameter,
+    dense_gradient,
     nothing_to_perturb,
     select_matrices,
 )
@@ -46,8 +53,6 @@ DEFAULT_MAX_STACK_NUMEL = 1 << 20
 #: reads each gradient in place (stacking would copy it, and the matvec is memory-bound).
 AUTO_BATCH_MAX_NUMEL = 1 << 12
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
 
 def _as_matrix(tensor: torch.Tensor) -> torch.Tensor:
     """``(out, in, *kernel)`` → ``(out, in·prod(kernel))``; a 2-D tensor is returned as is."""
@@ -62,13 +67,18 @@ class _ShapeGroup:
     row ``i`` belongs to ``members[i]``. ``v`` already contains any per-matrix scale
     (νSAM-Norm) and is zeroed on a skipped step, so ``restore`` subtracts exactly what
     ``perturb`` added. For row-sharded parameters ``u`` holds this rank's rows only.
+    ``estimated_rows`` are the members whose gradient the last estimate read (``v`` is valid
+    there); ``applied_rows`` those that carry ``ε`` now, with the rounding exceptions of
+    low-precision weights (:mod:`~lightning_nusam.perturbations.exact`).
     """
 
     members: list[SelectedParameter]
     u: torch.Tensor
     v: torch.Tensor
     sharding: RowSharding | None = None
+    estimated_rows: list[int] = field(default_factory=list)
     applied_rows: list[int] = field(default_factory=list)
+    exceptions: dict[int, RoundingExceptions] = field(default_factory=dict)
 
     def row_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum(tensor, self.sharding.group if self.sharding else None)
@@ -90,9 +100,10 @@ class NuclearPerturbation(Perturbation):
         model: the module whose weight matrices are perturbed.
         rho: the radius ρ ≥ 0; each matrix gets a perturbation of nuclear norm ρ.
         power_iterations: T ≥ 1 of Algorithm 2 (the paper uses T = 1 with a warm start).
-        include: name patterns (``fnmatch``, e.g. ``"blocks.*.mlp.*"``); only matching
-            parameters are considered. ``None`` considers all.
-        exclude: name patterns never perturbed (default: position embeddings and class tokens).
+        include: name patterns (``fnmatch``, e.g. ``"blocks.*.mlp.*"``), or one pattern as a
+            string; only matching parameters are considered. ``None`` considers all.
+        exclude: name patterns never perturbed, or one as a string (default: position
+            embeddings and class tokens).
         exclude_modules: module types whose parameters are never perturbed (normalisation
             layers are always excluded).
         include_conv: also perturb convolution kernels, each as an ``(out, in·kh·kw)`` matrix
@@ -104,6 +115,15 @@ class NuclearPerturbation(Perturbation):
         max_stack_numel: the batched path stacks at most this many gradient entries at once.
         tau: τ of Algorithm 2.
         seed: seed of the random start vectors ``u``.
+        exact_restore: make :meth:`restore` bit-exact. ``None`` (default) does so for bf16/fp16
+            weights, where ``w + ε − ε`` visibly rounds: the few entries a subtraction would not
+            give back are found at ``perturb()`` time and only they are kept (see
+            :mod:`~lightning_nusam.perturbations.exact`). fp32/fp64 weights then restore by an
+            in-place ``addr_`` (no temporary, a last-bit rounding at most); ``True`` makes them
+            exact too, at the cost of one fp32 temporary of each matrix during perturb/restore.
+
+    One-pass use: :meth:`estimate` after a backward pass keeps ``(u, v)``; :meth:`apply` adds
+    ``ρ u vᵀ`` from them before the next forward pass (``supports_one_pass``).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
@@ -121,19 +141,22 @@ class NuclearPerturbation(Perturbation):
         rho: float = 0.05,
         power_iterations: int = 1,
         *,
-        include: Sequence[str] | None = None,
-        exclude: Sequence[str] = DEFAULT_NUCLEAR_EXCLUDE,
+        include: Sequence[str] | str | None = None,
+        exclude: Sequence[str] | str = DEFAULT_NUCLEAR_EXCLUDE,
         exclude_modules: Sequence[type[nn.Module]] = (),
         include_conv: bool = False,
         batched: bool | Literal["auto"] = "auto",
         max_stack_numel: int = DEFAULT_MAX_STACK_NUMEL,
         tau: float = DEFAULT_TAU,
         seed: int = 0,
+        exact_restore: bool | None = None,
     ) -> None:
-        if int(power_iterations) != power_iterations or power_iterations < 1:
+        if not is_whole_number(power_iterations) or power_iterations < 1:
             raise ValueError(
-                f"`power_iterations` must be an integer >= 1 (T of Algorithm 2), got {power_iterations}"
+                f"`power_iterations` must be an integer >= 1 (T of Algorithm 2), got {power_iterations!r}"
             )
+        if exact_restore not in (None, True, False):
+            raise ValueError(f"`exact_restore` must be None, True or False, got {exact_restore!r}")
         if not tau > 0:
             raise ValueError(f"`tau` must be > 0 (it keeps Algorithm 2 finite), got {tau}")
         if max_stack_numel < 1:
@@ -159,6 +182,17 @@ class NuclearPerturbation(Perturbation):
         self.tau = float(tau)
         self._groups = self._build_groups(selected, self._shardings, seed)
         self._skipped: torch.Tensor | int = 0
+        self.exact_restore_mode = exact_restore
+        dtypes = {item.parameter.dtype for item in selected}
+        self.exact_restore = bool(exact_restore) or (
+            exact_restore is None and dtypes <= set(LOW_PRECISION_DTYPES)
+        )
+
+    supports_one_pass = True
+
+    @property
+    def has_direction(self) -> bool:
+        return any(group.estimated_rows for group in self._groups)
 
     # ----------------------------------------------------------------------------- setup
     @staticmethod
@@ -190,8 +224,10 @@ class NuclearPerturbation(Perturbation):
         return groups
 
     # ----------------------------------------------------------------------------- step
-    def _perturb(self) -> None:
-        estimates = [est for group in self._groups for est in self._estimate(group)]
+    def _estimate(self) -> None:
+        for group in self._groups:
+            group.estimated_rows = []
+        estimates = [est for group in self._groups for est in self._power_iteration(group)]
         if not estimates:
             return
         finite = torch.stack(
@@ -201,23 +237,28 @@ class NuclearPerturbation(Perturbation):
         for estimate, scale in zip(estimates, scales, strict=True):
             self._store(estimate, finite, scale)
         self._skipped = self._skipped + (~finite).to(torch.int64)
+
+    def _apply(self, rho: float) -> None:
         for group in self._groups:
-            for row in group.applied_rows:
-                self._add_rank_one(group, row, self.rho)
+            self._follow_device(group)
+            for row in group.estimated_rows:
+                self._add_rank_one(group, row, rho)
+                group.applied_rows.append(row)  # restore() undoes exactly the rows added so far
 
     def _restore(self) -> None:
         for group in self._groups:
             for row in group.applied_rows:
-                self._add_rank_one(group, row, -self.rho)
+                self._remove_rank_one(group, row, self._applied_rho)
             group.applied_rows = []
+            group.exceptions = {}
 
     def _matrix_scales(self, sigmas: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """Per-matrix factor folded into ``v``: none for νSAM (every matrix gets radius ρ)."""
         return [None] * len(sigmas)
 
-    def _estimate(self, group: _ShapeGroup) -> Iterator[_Estimate]:
+    def _power_iteration(self, group: _ShapeGroup) -> Iterator[_Estimate]:
         """Run Algorithm 2 for the members of ``group`` that have a gradient."""
-        rows = [i for i, item in enumerate(group.members) if item.parameter.grad is not None]
+        rows = [i for i, item in enumerate(group.members) if dense_gradient(item) is not None]
         if not rows:
             return
         self._follow_device(group)
@@ -263,7 +304,7 @@ class NuclearPerturbation(Perturbation):
             index = torch.tensor(rows, device=group.u.device)
             group.u.index_copy_(0, index, torch.where(keep_new_u, estimate.u, group.u[index]))
             group.v.index_copy_(0, index, v)
-        group.applied_rows.extend(rows)
+        group.estimated_rows.extend(rows)
 
     @staticmethod
     def _follow_device(group: _ShapeGroup) -> None:
@@ -273,12 +314,30 @@ class NuclearPerturbation(Perturbation):
             group.u = group.u.to(device)
             group.v = group.v.to(device)
 
-    @staticmethod
-    def _add_rank_one(group: _ShapeGroup, row: int, alpha: float) -> None:
-        """``M ← M + alpha · u vᵀ`` in place, without an ``n×m`` temporary for fp32 weights."""
+    def _add_rank_one(self, group: _ShapeGroup, row: int, rho: float) -> None:
+        """``M ← M + ρ u vᵀ`` in place; an fp32 weight gets no ``n×m`` temporary unless exact."""
         weight = local(group.members[row].parameter.data)  # a sharded weight: this rank's rows
+        if self.exact_restore:
+            group.exceptions[row] = add_removably(weight, self._epsilon(group, row, rho, weight))
+        else:
+            self._add_outer(group, row, weight, rho)
+
+    def _remove_rank_one(self, group: _ShapeGroup, row: int, rho: float) -> None:
+        weight = local(group.members[row].parameter.data)
+        if self.exact_restore:
+            remove_exactly(weight, self._epsilon(group, row, rho, weight), group.exceptions[row])
+        else:
+            self._add_outer(group, row, weight, -rho)
+
+    @staticmethod
+    def _epsilon(group: _ShapeGroup, row: int, rho: float, weight: torch.Tensor) -> torch.Tensor:
+        """``ε = ρ u vᵀ`` in fp32 (fp64 for fp64 weights), in the weight's logical shape."""
+        return torch.outer(group.u[row], group.v[row]).mul_(rho).view(weight.shape)
+
+    @staticmethod
+    def _add_outer(group: _ShapeGroup, row: int, weight: torch.Tensor, alpha: float) -> None:
         u, v = group.u[row], group.v[row]
-        if weight.dtype in _LOW_PRECISION or not weight.is_contiguous():
+        if weight.dtype in LOW_PRECISION_DTYPES or not weight.is_contiguous():
             # ε is formed in fp32 and rounded once to the weight's dtype (or layout).
             weight.add_(torch.outer(u, v).mul_(alpha).to(weight.dtype).view(weight.shape))
         else:
@@ -289,6 +348,8 @@ class NuclearPerturbation(Perturbation):
         for group in self._groups:
             yield group.u
             yield group.v
+            for exceptions in group.exceptions.values():
+                yield from exceptions.tensors()
 
     def singular_vectors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{name: (u, v)}`` of the last step (``v`` includes any νSAM-Norm scale)."""
@@ -300,20 +361,23 @@ class NuclearPerturbation(Perturbation):
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Counters and the warm-start vectors ``u`` by parameter name (``v`` is recomputed).
+        """Counters, the vectors ``u`` (warm start) and ``v`` by parameter name, and which
+        matrices the last estimate covered (a one-pass step applies them at the next step).
 
         For row-sharded parameters the ranks' rows of ``u`` are gathered (vectors only: ``n``
         numbers per matrix), so the state is the same on every rank and as without sharding.
         Call it on every rank then.
         """
         state = super().state_dict()
-        state["u"] = {}
+        state["u"], state["v"], state["estimated"] = {}, {}, []
         for group in self._groups:
             full_u = group.u
             if group.sharding is not None:
                 full_u = all_gather_rows(group.u.t().contiguous(), group.sharding).t()
             for row, item in enumerate(group.members):
                 state["u"][item.name] = full_u[row].detach().cpu().clone()
+                state["v"][item.name] = group.v[row].detach().cpu().clone()
+            state["estimated"] += [group.members[row].name for row in group.estimated_rows]
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -326,6 +390,7 @@ class NuclearPerturbation(Perturbation):
                 "state_dict does not match the perturbed matrices: "
                 f"missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
+        saved_v, estimated = state_dict.get("v", {}), set(state_dict.get("estimated", ()))
         for group in self._groups:
             rows = group.members[0].parameter.shape[0]
             for row, item in enumerate(group.members):
@@ -337,7 +402,11 @@ class NuclearPerturbation(Perturbation):
                 if group.sharding is not None:
                     value = value[group.sharding.row_slice]
                 group.u[row].copy_(value)
-            group.v.zero_()
+                if item.name in saved_v:
+                    group.v[row].copy_(saved_v[item.name])
+                else:
+                    group.v[row].zero_()
+            group.estimated_rows = [row for row, item in enumerate(group.members) if item.name in estimated]
 
 
 class NuclearNormalizedPerturbation(NuclearPerturbation):

@@ -8,9 +8,11 @@ and testable without running a step.
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 #: Parameter-name patterns νSAM leaves alone by default: learned position embeddings and the
@@ -68,18 +70,47 @@ def matches_any(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
-def _check_patterns(argument: str, patterns: object) -> tuple[str, ...]:
+def as_patterns(argument: str, patterns: Sequence[str] | str) -> tuple[str, ...]:
+    """Name patterns as a tuple; a single string is one pattern (never split into characters)."""
     if isinstance(patterns, str):
-        raise TypeError(f"`{argument}` must be a sequence of name patterns, got the string "
-                        f"{patterns!r}; write [{patterns!r}]")
-    return tuple(patterns)  # type: ignore[arg-type]
+        return (patterns,)
+    try:
+        result = tuple(patterns)
+    except TypeError:
+        raise TypeError(f"`{argument}` must be a name pattern or a list of them, got {patterns!r}") from None
+    bad = [p for p in result if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"`{argument}` must contain name patterns (strings), got {bad[0]!r}")
+    return result
+
+
+def _sparse_gradient(item: SelectedParameter) -> bool:
+    """Parameters of embeddings built with ``sparse=True`` get sparse gradients: not perturbed."""
+    if isinstance(item.module, nn.Embedding | nn.EmbeddingBag) and item.module.sparse:
+        warnings.warn(
+            f"parameter {item.name!r} gets sparse gradients (sparse=True embedding) and is not "
+            "perturbed; build the embedding with sparse=False to perturb it",
+            UserWarning, stacklevel=3,
+        )
+        return True
+    return False
+
+
+def dense_gradient(item: SelectedParameter) -> torch.Tensor | None:
+    """``item``'s gradient, or None when it has none or it is sparse (then skipped, with a warning)."""
+    grad = item.parameter.grad
+    if grad is not None and grad.layout != torch.strided:
+        warnings.warn(f"parameter {item.name!r} has a sparse gradient and is not perturbed this step",
+                      UserWarning, stacklevel=3)
+        return None
+    return grad
 
 
 def select_matrices(
     model: nn.Module,
     *,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] = DEFAULT_NUCLEAR_EXCLUDE,
+    include: Sequence[str] | str | None = None,
+    exclude: Sequence[str] | str = DEFAULT_NUCLEAR_EXCLUDE,
     exclude_modules: Sequence[type[nn.Module]] = (),
     include_conv: bool = False,
 ) -> list[SelectedParameter]:
@@ -87,11 +118,12 @@ def select_matrices(
 
     A parameter is selected when it requires grad, is 2-D (or is a convolution kernel and
     ``include_conv`` is set, then seen as an ``(out, in·kh·kw)`` matrix), its name matches
-    ``include`` (when given) and no pattern of ``exclude``, and its module is neither a
-    normalisation layer nor an instance of ``exclude_modules``.
+    ``include`` (when given) and no pattern of ``exclude``, its module is neither a
+    normalisation layer nor an instance of ``exclude_modules``, and it does not get sparse
+    gradients. ``include`` and ``exclude`` take a pattern or a list of them.
     """
-    include = None if include is None else _check_patterns("include", include)
-    exclude = _check_patterns("exclude", exclude)
+    include = None if include is None else as_patterns("include", include)
+    exclude = as_patterns("exclude", exclude)
     skip_types = NORM_LAYER_TYPES + tuple(exclude_modules)
     selected = []
     for item in owned_parameters(model):
@@ -104,7 +136,7 @@ def select_matrices(
             continue
         if include is not None and not matches_any(item.name, include):
             continue
-        if matches_any(item.name, exclude):
+        if matches_any(item.name, exclude) or _sparse_gradient(item):
             continue
         selected.append(item)
     return selected
@@ -113,16 +145,18 @@ def select_matrices(
 def select_all(
     model: nn.Module,
     *,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] = (),
+    include: Sequence[str] | str | None = None,
+    exclude: Sequence[str] | str = (),
 ) -> list[SelectedParameter]:
-    """Every trainable parameter (SAM's flattened vector), optionally filtered by name."""
-    include = None if include is None else _check_patterns("include", include)
-    exclude = _check_patterns("exclude", exclude)
+    """Every trainable parameter (SAM's flattened vector), optionally filtered by name (a pattern
+    or a list of them); parameters with sparse gradients are left out."""
+    include = None if include is None else as_patterns("include", include)
+    exclude = as_patterns("exclude", exclude)
     return [
         item
         for item in owned_parameters(model)
         if (include is None or matches_any(item.name, include)) and not matches_any(item.name, exclude)
+        and not _sparse_gradient(item)
     ]
 
 
