@@ -57,9 +57,13 @@ def main(out_dir: str, mode: str, steps: int) -> None:
                   accumulate_grad_batches=accumulate if dropin else 1)
     run.fit(module, ResumableDataLoader(classification_data(), batch_size=4 // accumulate, shuffle=False))
     rank = run.global_rank
+    torch.manual_seed(100 + rank)  # distinct RNG states per rank
+    rng = sam.state_dict()["rng"]  # a collective: every rank's state
+    own_rng_saved = torch.equal(rng[rank]["cpu"], torch.get_rng_state())
     torch.save(
         {"weights": recorder.weights, "first_grads": recorder.first_grads, "resyncs": sam.resyncs,
-         "world_size": run.world_size, "allreduces_per_step": recorder.allreduces_per_step},
+         "world_size": run.world_size, "allreduces_per_step": recorder.allreduces_per_step,
+         "rng_entries": len(rng), "own_rng_saved": own_rng_saved},
         Path(out_dir) / f"{mode}_rank{rank}.pt",
     )
 

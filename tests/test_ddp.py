@@ -61,6 +61,9 @@ def test_ddp_synced_first_pass_equals_single_process_and_ranks_stay_identical(
     print(f"{mode}: max |w_ddp - w_single| over {STEPS} steps: {deviation:.3e}")
     # one gradient all-reduce per pass (the model fits one DDP bucket), whatever the micro-batches
     assert rank0["allreduces_per_step"] == [2] * STEPS
+    # the checkpointed RNG holds each rank's own state, so a resumed rank gets its own back
+    assert rank0["rng_entries"] == rank1["rng_entries"] == 2
+    assert rank0["own_rng_saved"] and rank1["own_rng_saved"]
     assert deviation <= 1e-5
 
 

@@ -142,7 +142,8 @@ def test_dropin_resume_mid_epoch_is_bit_identical(tmp_path):
     checkpoint = tmp_path / "a" / "epoch=1-step=9.ckpt"
     resumed = resumable_dropin_run(tmp_path / "b", ckpt_path=str(checkpoint))
     assert resumed.global_step == uninterrupted.global_step == 12
-    assert all(torch.equal(a, b) for a, b in zip(uninterrupted.parameters(), resumed.parameters(), strict=True))
+    pairs = zip(uninterrupted.parameters(), resumed.parameters(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
 
 
 def test_an_exception_in_the_second_pass_leaves_no_perturbation():

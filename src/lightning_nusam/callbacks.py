@@ -148,8 +148,8 @@ class SharpnessAwareCallback(Callback):
             )
         self.batchnorm_update = batchnorm_update
         if self.one_pass and not self.sync_first_pass:
-            raise ValueError("`sync_first_pass=False` (m-SAM) has no first pass to keep local with "
-                             "`one_pass=True`: drop one of them")
+            raise ValueError("`sync_first_pass` and `one_pass`: m-SAM (sync_first_pass=False) keeps the "
+                             "first pass local, and a one-pass step has no first pass: drop one of them")
         if self.one_pass and batchnorm_update != "first":
             raise ValueError("`batchnorm_update` chooses between two passes; with `one_pass=True` "
                              "the statistics come from the only pass: leave it at 'first'")
@@ -558,9 +558,12 @@ class NuSAM(SharpnessAwareCallback):
     Args:
         rho: radius ρ (nuclear norm of each matrix's perturbation).
         power_iterations: T of Algorithm 2 (the paper: 1, warm-started).
-        include, exclude: name patterns (or one pattern as a string) selecting the perturbed
-            matrices, see :class:`~lightning_nusam.perturbations.NuclearPerturbation`.
-        include_conv: perturb convolution kernels too.
+        include: name patterns (or one pattern as a string): only matching matrices are
+            perturbed (default: all 2-D weights), see
+            :class:`~lightning_nusam.perturbations.NuclearPerturbation`.
+        exclude: name patterns (or one pattern as a string) never perturbed (default:
+            position embeddings and class tokens).
+        include_conv: perturb convolution kernels too, as ``(out, in·kh·kw)`` matrices.
         batched: ``"auto"`` (batched ``bmm`` for small repeated shapes, a loop for the rest),
             ``True`` or ``False``; see :class:`~lightning_nusam.perturbations.NuclearPerturbation`.
         seed: seed of the initial vectors ``u``.
@@ -637,9 +640,12 @@ class SAM(SharpnessAwareCallback):
 
     Args:
         rho: radius ρ of the ℓ2 ball.
-        include, exclude: name patterns (or one pattern as a string) selecting the perturbed
-            parameters.
-        adaptive, adaptive_eta: ASAM, see :class:`~lightning_nusam.perturbations.L2Perturbation`.
+        include: name patterns (or one pattern as a string): only matching parameters are
+            perturbed (default: all).
+        exclude: name patterns (or one pattern as a string) never perturbed.
+        adaptive: ASAM, ``ε = ρ T² g / ‖T g‖₂`` with ``T = |w| + adaptive_eta``; see
+            :class:`~lightning_nusam.perturbations.L2Perturbation`.
+        adaptive_eta: η ≥ 0 of ASAM's ``T``.
         **kwargs: the options of :class:`SharpnessAwareCallback`.
 
     Example:

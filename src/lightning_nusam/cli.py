@@ -33,12 +33,14 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> NuSAMCLI:
 
 def main(argv: list[str] | None = None) -> None:
     """``nusam memory ...`` prints the memory report; everything else goes to LightningCLI."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["memory"]:
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["memory"]:
         from lightning_nusam.memory import main as memory_main
 
-        memory_main(argv[1:])
+        memory_main(arguments[1:])
         return
+    # From the console, LightningCLI reads sys.argv itself (passing it again as `args` only
+    # makes it warn that both were given).
     cli_main(argv)
 
 
