@@ -4,9 +4,10 @@ For a bf16/fp16 weight ``w``, ``perturb`` stores ``w' = round(w + e)`` and ``res
 ``round(w' − e)``, with ``e`` the perturbation rounded to the weight's dtype. Both roundings are
 to nearest, so for almost every entry the second one lands back on ``w``; it misses only where
 ``w + e`` left the binade of ``w`` (or crossed zero) or where ``|e|`` dwarfs ``|w|``, because the
-spacing of representable numbers at ``w'`` is then coarser than at ``w``. Those entries are found at ``perturb()`` time by doing the subtraction once in advance,
-and only their positions and original values are kept (:class:`RoundingExceptions`); ``restore``
-subtracts ``ε`` and writes them back, so the weights are bit-identical after any number of cycles.
+spacing of representable numbers at ``w'`` is then coarser than at ``w``. Those entries are
+found at ``perturb()`` time by doing the subtraction once in advance, and only their positions
+and original values are kept (:class:`RoundingExceptions`); ``restore`` subtracts ``e`` and
+writes them back, so the weights are bit-identical after any number of cycles.
 
 ``ε`` is formed in fp32 and rounded once to the weight's dtype (``e``); ``w + e`` and ``w' − e`` are
 each rounded once, on both sides, so the subtraction that ``restore`` performs is exactly the one
