@@ -91,3 +91,12 @@ def test_bad_npz_contents_are_reported_with_the_file(tmp_path, images, labels, p
     with pytest.raises(ValueError, match=problem) as error:
         CIFARDataModule(npz_dir=str(tmp_path), num_workers=0).setup("fit")
     assert str(tmp_path / "train.npz") in str(error.value)
+
+
+@pytest.mark.parametrize(("kwargs", "argument"), [({"subset": 0}, "subset"), ({"val_size": -1}, "val_size"),
+                                                  ({"eval_subset": 0}, "eval_subset"),
+                                                  ({"batch_size": 0}, "batch_size"),
+                                                  ({"num_workers": -1}, "num_workers")])
+def test_bad_cifar_datamodule_arguments_name_themselves(kwargs, argument):
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        CIFARDataModule(npz_dir="unused", **kwargs)

@@ -154,3 +154,13 @@ def test_figure1_quadratic_runs_and_reports_slopes(tmp_path, capsys):
 
 def test_custom_module_example_trains():
     assert load_example("custom_module").main(epochs=2) > 0.8
+
+
+@pytest.mark.parametrize(("kwargs", "argument"), [({"num_classes": 1}, "num_classes"), ({"lr": 0.0}, "lr"),
+                                                  ({"weight_decay": -0.1}, "weight_decay"),
+                                                  ({"min_lr_ratio": 2.0}, "min_lr_ratio"),
+                                                  ({"accumulate_grad_batches": 0}, "accumulate_grad_batches")])
+def test_bad_classifier_arguments_name_themselves(kwargs, argument):
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        ImageClassifier("timm.models.mlp_mixer.MlpMixer", img_size=8, patch_size=4,
+                        model_kwargs={"num_blocks": 1, "embed_dim": 8}, **kwargs)

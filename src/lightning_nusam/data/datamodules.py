@@ -264,6 +264,11 @@ class CIFARDataModule(_ImageDataModule):
         self.num_classes = 10 if dataset == "cifar10" else 100
         self.data_dir, self.npz_dir, self.download = data_dir, npz_dir, download
         self.augment, self.auto_augment, self.resize = augment, auto_augment, resize
+        for name, value, minimum in (("val_size", val_size, 0), ("subset", subset, 1),
+                                     ("eval_subset", eval_subset, 1), ("num_workers", num_workers, 0)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < minimum):
+                raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
         self.val_size, self.subset, self.eval_subset = val_size, subset, eval_subset
         self.split_seed = split_seed
 

@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import timm
 import torch
 import torchmetrics
+from lightning.pytorch.utilities import rank_zero_warn
 from timm.optim import create_optimizer_v2
 from torch import nn
 
@@ -86,7 +87,9 @@ class ImageClassifier(SAMMixin, pl.LightningModule):
         lr, weight_decay: AdamW (no decay on biases and normalisation weights, as timm does).
         warmup_fraction: fraction of the optimizer steps of linear warm-up before the cosine.
         min_lr_ratio: final LR as a fraction of ``lr``.
-        gradient_clip_val, gradient_clip_algorithm: see :class:`~lightning_nusam.SAMMixin`.
+        gradient_clip_val, gradient_clip_algorithm, accumulate_grad_batches: see
+            :class:`~lightning_nusam.SAMMixin` (Lightning refuses the Trainer's flags of these
+            names under manual optimization).
 
     LightningCLI's ``optimizer:`` and ``lr_scheduler:`` sections replace the default optimizer.
 
@@ -115,12 +118,22 @@ class ImageClassifier(SAMMixin, pl.LightningModule):
         min_lr_ratio: float = 0.0,
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: Literal["norm", "value"] = "norm",
+        accumulate_grad_batches: int = 1,
     ) -> None:
-        super().__init__(gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+        super().__init__(gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm,
+                         accumulate_grad_batches=accumulate_grad_batches)
         if not 0 <= warmup_fraction < 1:
             raise ValueError(f"`warmup_fraction` must be in [0, 1), got {warmup_fraction}")
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"`label_smoothing` must be in [0, 1), got {label_smoothing}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"`num_classes` must be an integer >= 2, got {num_classes!r}")
+        if not lr > 0:
+            raise ValueError(f"`lr` must be > 0, got {lr!r}")
+        if not weight_decay >= 0:
+            raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay!r}")
+        if not 0 <= min_lr_ratio <= 1:
+            raise ValueError(f"`min_lr_ratio` must be in [0, 1], got {min_lr_ratio!r}")
         self.save_hyperparameters()
         self.model = self.create_model()
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
@@ -210,6 +223,11 @@ class ImageClassifier(SAMMixin, pl.LightningModule):
         optimizer = create_optimizer_v2(self.model, "adamw", lr=hp.lr, weight_decay=hp.weight_decay)
         total = self.estimated_optimizer_steps  # counts optimizer steps under the mixin's accumulation
         if not math.isfinite(total):
+            rank_zero_warn(
+                "ImageClassifier: the number of optimizer steps is unknown (an IterableDataset without "
+                "max_steps, or max_time only), so AdamW runs at a constant learning rate without the "
+                "warm-up and cosine schedule; set Trainer(max_steps=...) to get them"
+            )
             return {"optimizer": optimizer}
         scheduler = warmup_cosine_schedule(
             optimizer, int(total), int(hp.warmup_fraction * total), hp.min_lr_ratio
