@@ -156,7 +156,8 @@ def test_custom_module_example_trains():
     assert load_example("custom_module").main(epochs=2) > 0.8
 
 
-@pytest.mark.parametrize(("kwargs", "argument"), [({"num_classes": 1}, "num_classes"), ({"lr": 0.0}, "lr"),
+@pytest.mark.parametrize(("kwargs", "argument"), [({"num_classes": 1}, "num_classes"),
+                                                  ({"lr": 0.0}, "lr"),
                                                   ({"weight_decay": -0.1}, "weight_decay"),
                                                   ({"min_lr_ratio": 2.0}, "min_lr_ratio"),
                                                   ({"accumulate_grad_batches": 0}, "accumulate_grad_batches")])
