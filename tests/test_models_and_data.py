@@ -160,7 +160,8 @@ def test_custom_module_example_trains():
                                                   ({"lr": 0.0}, "lr"),
                                                   ({"weight_decay": -0.1}, "weight_decay"),
                                                   ({"min_lr_ratio": 2.0}, "min_lr_ratio"),
-                                                  ({"accumulate_grad_batches": 0}, "accumulate_grad_batches")])
+                                                  ({"accumulate_grad_batches": 0},
+                                                   "accumulate_grad_batches")])
 def test_bad_classifier_arguments_name_themselves(kwargs, argument):
     with pytest.raises(ValueError, match=f"`{argument}`"):
         ImageClassifier("timm.models.mlp_mixer.MlpMixer", img_size=8, patch_size=4,
