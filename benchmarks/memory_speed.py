@@ -9,11 +9,17 @@ a markdown table, a JSON file and a PNG chart under ``benchmarks/results/`` name
     python benchmarks/memory_speed.py                   # quick: ViT-S/4 and Mixer-S/4 on CPU
     python benchmarks/memory_speed.py --full            # + ViT-B/4, Mixer-B/4, ViT-B/4 at batch 2
     python benchmarks/memory_speed.py --device cuda --precision bf16 --batch-size 128
+    python benchmarks/memory_speed.py --accumulation    # ViT-B/4, micro-batch 2, k = 8
+    python benchmarks/memory_speed.py --cheaper-steps   # every_n_steps=2 and one-pass νSAM
 
 Methods: ``adamw`` (one pass), ``two_pass`` (two forward/backward passes, no perturbation: the
 floor for any SAM), ``peer_sam`` (``pytorch_optimizer.SAM``), ``sam``, ``samon``, ``nusam_t1``,
-``nusam_t5`` and ``nusam_norm`` (this package's perturbations). All use AdamW as the base
-optimizer and a plain PyTorch loop, so the differences are the perturbations alone.
+``nusam_t5`` and ``nusam_norm`` (this package's perturbations), ``nusam_every2`` (νSAM on every
+second step, plain steps between: its time is the mean over pairs of steps) and
+``nusam_one_pass`` (the experimental one-pass νSAM: ε from the previous step's direction). All
+use AdamW as the base optimizer and a plain PyTorch loop, so the differences are the
+perturbations alone. ``--accumulate k`` runs every step over k micro-batches of the batch size:
+the first pass over all of them, one perturbation, the second pass replaying them.
 """
 
 from __future__ import annotations
@@ -32,7 +38,11 @@ from contextlib import nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-METHODS = ["adamw", "two_pass", "peer_sam", "sam", "samon", "nusam_t1", "nusam_t5", "nusam_norm"]
+METHODS = ["adamw", "two_pass", "peer_sam", "sam", "samon", "nusam_t1", "nusam_t5", "nusam_norm",
+           "nusam_every2", "nusam_one_pass"]
+DEFAULT_METHODS = METHODS[:8]
+#: methods whose steps alternate (their time is a mean over pairs of steps, not a median)
+ALTERNATING = {"nusam_every2"}
 MODELS = {  # the paper's Table 6 architectures at 32x32, and a tiny ViT for smoke tests
     "vit_t4": ("vit_tiny_patch16_224", {"depth": 2}),
     "vit_s4": ("vit_small_patch16_224", {}),
@@ -60,8 +70,9 @@ def peak_memory_mib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def make_step(method: str, model, inputs, labels, precision: str, device: str):
-    """A closure running one training step of ``method``; returns it and the perturbation."""
+def make_step(method: str, model, micro_batches, precision: str, device: str):
+    """A closure running one training step of ``method`` over the micro-batches (one, or k with
+    accumulation); returns it and a function counting the numbers the perturbation holds."""
     import torch
     from torch import nn
 
@@ -79,10 +90,11 @@ def make_step(method: str, model, inputs, labels, precision: str, device: str):
             return torch.autocast(device_type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def forward_backward():
-        with autocast():
-            loss = nn.functional.cross_entropy(model(inputs), labels)
-        loss.backward()
+    def forward_backward():  # one pass: every micro-batch, each loss divided by k
+        for inputs, labels in micro_batches:
+            with autocast():
+                loss = nn.functional.cross_entropy(model(inputs), labels) / len(micro_batches)
+            loss.backward()
 
     synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
     perturbation_seconds: list[float] = []
@@ -145,9 +157,30 @@ def make_step(method: str, model, inputs, labels, precision: str, device: str):
         "nusam_t1": lambda: NuclearPerturbation(model, rho=RHO, power_iterations=1),
         "nusam_t5": lambda: NuclearPerturbation(model, rho=RHO, power_iterations=5),
         "nusam_norm": lambda: NuclearNormalizedPerturbation(model, rho=RHO),
+        "nusam_every2": lambda: NuclearPerturbation(model, rho=RHO),
+        "nusam_one_pass": lambda: NuclearPerturbation(model, rho=RHO),
     }.get(method, lambda: None)()
+    count = {"steps": 0}
+
+    if method == "nusam_one_pass":
+        def one_pass_step():  # ε from the last step's direction; one pass at w + ε
+            spent = timed(perturbation.apply) if perturbation.has_direction else 0.0
+            forward_backward()
+            spent += timed(perturbation.restore) + timed(perturbation.estimate)
+            perturbation_seconds.append(spent)
+            optimizer.step()
+            optimizer.zero_grad()
+
+        one_pass_step.perturbation_seconds = perturbation_seconds
+        return one_pass_step, perturbation.held_numel
 
     def step():
+        count["steps"] += 1
+        if method == "nusam_every2" and count["steps"] % 2 == 0:  # the plain step of each pair
+            forward_backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            return
         forward_backward()
         if method != "adamw":
             spent = timed(perturbation.perturb) if perturbation is not None else 0.0
@@ -168,10 +201,7 @@ def run_child(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     device = args.device
     model = build_model(args.model, device)
-    generator = torch.Generator().manual_seed(0)
-    inputs = torch.randn(args.batch_size, 3, 32, 32, generator=generator).to(device)
-    labels = torch.randint(0, 10, (args.batch_size,), generator=generator).to(device)
-    step, held_numel = make_step(args.method, model, inputs, labels, args.precision, device)
+    step, held_numel = make_step(args.method, model, make_micro_batches(args), args.precision, device)
     synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     times = []
     for index in range(args.warmup + args.steps):
@@ -186,7 +216,8 @@ def run_child(args: argparse.Namespace) -> dict:
         "model": args.model,
         "method": args.method,
         "batch_size": args.batch_size,
-        "median_ms": 1000 * statistics.median(times),
+        "accumulate": args.accumulate,
+        "median_ms": 1000 * summary(args.method, times),
         "perturbation_ms": 1000 * statistics.median(perturbation_seconds) if perturbation_seconds else None,
         "step_ms": [1000 * t for t in times],
         "peak_mib": peak_memory_mib(device),
@@ -202,10 +233,8 @@ def run_interleaved(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(0)
     model = build_model(args.model, args.device)
-    generator = torch.Generator().manual_seed(0)
-    inputs = torch.randn(args.batch_size, 3, 32, 32, generator=generator).to(args.device)
-    labels = torch.randint(0, 10, (args.batch_size,), generator=generator).to(args.device)
-    steps = {m: make_step(m, model, inputs, labels, args.precision, args.device)[0] for m in args.methods}
+    micro_batches = make_micro_batches(args)
+    steps = {m: make_step(m, model, micro_batches, args.precision, args.device)[0] for m in args.methods}
     synchronize = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     times: dict[str, list[float]] = {m: [] for m in steps}
     for index in range(args.warmup + args.steps):
@@ -216,7 +245,22 @@ def run_interleaved(args: argparse.Namespace) -> dict:
             synchronize()
             if index >= args.warmup:
                 times[method].append(time.perf_counter() - start)
-    return {m: 1000 * statistics.median(t) for m, t in times.items()}
+    return {m: 1000 * summary(m, t) for m, t in times.items()}
+
+
+def make_micro_batches(args: argparse.Namespace) -> list:
+    """``args.accumulate`` micro-batches of ``args.batch_size`` random images and labels."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    return [(torch.randn(args.batch_size, 3, 32, 32, generator=generator).to(args.device),
+             torch.randint(0, 10, (args.batch_size,), generator=generator).to(args.device))
+            for _ in range(args.accumulate)]
+
+
+def summary(method: str, seconds: list[float]) -> float:
+    """Median step time; the mean for alternating methods (pairs of a perturbed and a plain step)."""
+    return statistics.mean(seconds) if method in ALTERNATING else statistics.median(seconds)
 
 
 def power_iteration_table(repeats: int = 20) -> str:
@@ -272,7 +316,7 @@ def child_environment(args: argparse.Namespace) -> dict[str, str]:
 def measure(model: str, method: str, batch_size: int, args: argparse.Namespace) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--child", "--model", model, "--method", method,
                "--batch-size", str(batch_size), "--device", args.device, "--precision", args.precision,
-               "--steps", str(args.steps), "--warmup", str(args.warmup)]
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--accumulate", str(args.accumulate)]
     result = subprocess.run(command, capture_output=True, text=True, check=False, env=child_environment(args))
     if result.returncode != 0:
         raise RuntimeError(f"{model}/{method} failed:\n{result.stderr[-3000:]}")
@@ -285,7 +329,8 @@ def measure(model: str, method: str, batch_size: int, args: argparse.Namespace) 
 def measure_interleaved(model: str, batch_size: int, args: argparse.Namespace) -> dict[str, float]:
     command = [sys.executable, str(Path(__file__).resolve()), "--child-interleaved", "--model", model,
                "--batch-size", str(batch_size), "--device", args.device, "--precision", args.precision,
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--methods", *args.methods]
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--accumulate", str(args.accumulate),
+               "--methods", *args.methods]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"{model} interleaved run failed:\n{result.stderr[-3000:]}")
@@ -335,9 +380,11 @@ def markdown(rows: list[dict], args: argparse.Namespace, command: str, device_na
     for row in rows:
         groups.setdefault((row["model"], row["batch_size"]), []).append(row)
     for (model, batch), group in groups.items():
-        params = group[0]["parameters"]
+        params, accumulate = group[0]["parameters"], group[0].get("accumulate", 1)
+        batching = f"batch {batch}" if accumulate == 1 else (
+            f"{accumulate} micro-batches of {batch} per optimizer step (times per optimizer step)")
         lines += [
-            f"## {model}, batch {batch} ({params / 1e6:.1f} M parameters)",
+            f"## {model}, {batching} ({params / 1e6:.1f} M parameters)",
             "",
             "| method | step (ms) | × AdamW | × peer SAM | × two-pass | perturb + restore (ms) "
             "| peak memory (MiB) | vs AdamW | perturbation holds |",
@@ -401,7 +448,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--precision", choices=["32", "bf16"], default="32")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--models", nargs="+", default=None, choices=sorted(MODELS))
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=None, choices=METHODS)
+    parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--accumulation", action="store_true",
+                        help="ViT-B/4, micro-batch 2, k = 8: AdamW, two passes, peer SAM, SAM, νSAM")
+    parser.add_argument("--cheaper-steps", action="store_true",
+                        help="Mixer-S/4: νSAM every step, every second step, one-pass, against AdamW")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--full", action="store_true",
@@ -423,6 +475,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(json.dumps(run_interleaved(args)))
         return []
 
+    if args.accumulation:
+        args.models, args.batch_size, args.accumulate = args.models or ["vit_b4"], 2, 8
+        args.methods = args.methods or ["adamw", "two_pass", "peer_sam", "sam", "nusam_t1"]
+    if args.cheaper_steps:
+        args.models = args.models or ["mixer_s4"]
+        args.methods = args.methods or ["adamw", "two_pass", "nusam_t1", "nusam_every2", "nusam_one_pass"]
+        args.steps = max(args.steps, 6)  # pairs of steps for nusam_every2
+    args.methods = args.methods or DEFAULT_METHODS
     paper_models = ["vit_s4", "vit_b4", "mixer_s4", "mixer_b4"]
     models = args.models or (paper_models if args.full else ["vit_s4", "mixer_s4"])
     plan = [(m, args.batch_size) for m in models]
@@ -439,7 +499,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row["interleaved_ms"] = interleaved[row["method"]]
         rows += group
     add_ratios(rows)
-    suffix = f"{label}{'_bf16' if args.precision == 'bf16' else ''}{'_full' if args.full else ''}"
+    suffix = (f"{label}{'_bf16' if args.precision == 'bf16' else ''}{'_full' if args.full else ''}"
+              f"{'_accumulation' if args.accumulation else ''}"
+              f"{'_cheaper_steps' if args.cheaper_steps else ''}")
     stem = args.name or f"memory_speed_{suffix}"
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows, args, command.strip(), device_name)

@@ -72,7 +72,8 @@ def test_every_method_composes_with_a_model_config(method, tmp_path, fake_cifar)
     cli = cli_main(["-c", str(model), "-c", str(method),
                     *reduced_size_arguments(model, tmp_path, fake_cifar)], run=False)
     names = [type(cb).__name__ for cb in cli.trainer.callbacks]
-    expected = {"adamw": None, "sam": "SAM", "samon": "SAMON", "nusam": "NuSAM"}[method.stem]
+    expected = {"adamw": None, "sam": "SAM", "asam": "SAM", "samon": "SAMON", "nusam": "NuSAM",
+                "nusam_every2": "NuSAM", "nusam_one_pass": "NuSAM"}[method.stem]
     assert (expected in names) if expected else not any(n in names for n in ("SAM", "SAMON", "NuSAM"))
     assert "ModelCheckpoint" in names and "LearningRateMonitor" in names
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -91,3 +92,50 @@ def test_console_script_and_module_entry_point():
         result = subprocess.run(command, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr[-2000:]
         assert "fit" in result.stdout or "--trainer" in result.stdout
+
+
+CALLBACK_CLASSES = ["NuSAM", "NuSAMNorm", "SAM", "SAMON", "GaussSAM"]
+COMMON_OPTIONS = ["rho", "start_epoch", "start_fraction", "every_n_steps", "rho_schedule", "rho_final",
+                  "one_pass", "sync_first_pass", "resync_every", "batchnorm_update"]
+OWN_OPTIONS = {"NuSAM": ["power_iterations", "include", "exclude", "include_conv", "batched", "seed"],
+               "NuSAMNorm": ["power_iterations", "include", "exclude", "include_conv", "batched", "seed"],
+               "SAM": ["include", "exclude", "adaptive", "adaptive_eta"], "SAMON": [],
+               "GaussSAM": ["seed"]}
+
+
+@pytest.mark.parametrize("name", CALLBACK_CLASSES)
+def test_cli_help_shows_every_argument_of_every_callback(name):
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "nusam"), "fit", f"--trainer.callbacks=lightning_nusam.{name}",
+         "--trainer.callbacks.help", f"lightning_nusam.{name}"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for option in COMMON_OPTIONS + OWN_OPTIONS[name]:
+        assert f"--trainer.callbacks.{option} " in result.stdout, (name, option)
+
+
+def test_every_common_option_is_accepted_from_yaml(tmp_path):
+    config = tmp_path / "options.yaml"
+    config.write_text("""
+trainer:
+  callbacks:
+    - class_path: lightning_nusam.NuSAM
+      init_args:
+        rho: 0.2
+        power_iterations: 2
+        include: "*mlp*"
+        start_epoch: 1
+        every_n_steps: 2
+        rho_schedule: linear
+        rho_final: 0.05
+        one_pass: true
+        sync_first_pass: true
+        resync_every: 10
+        batchnorm_update: first
+""")
+    cli = cli_main(["-c", str(CONFIGS / "quickstart.yaml"), "-c", str(config), "--trainer.fast_dev_run=1",
+                    f"--trainer.default_root_dir={tmp_path}"], run=False)
+    sam = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "NuSAM")
+    assert (sam.rho, sam.power_iterations, sam.include, sam.start_epoch, sam.every_n_steps) == (
+        0.2, 2, ["*mlp*"], 1, 2)
+    assert (sam.rho_schedule, sam.rho_final, sam.one_pass, sam.resync_every) == ("linear", 0.05, True, 10)
