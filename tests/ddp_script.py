@@ -33,7 +33,14 @@ class Recorder(Callback):
             self.first_grads.append([p.grad.detach().clone() for p in pl_module.parameters()])
             perturb(*args, **kwargs)
 
+        estimate = self.sam.perturbation.estimate
+
+        def recording_estimate(*args, **kwargs):  # one-pass: the gradient the direction comes from
+            self.first_grads.append([p.grad.detach().clone() for p in pl_module.parameters()])
+            estimate(*args, **kwargs)
+
         self.sam.perturbation.perturb = recording_perturb
+        self.sam.perturbation.estimate = recording_estimate
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step > len(self.weights):  # after an optimizer step, not a micro-batch
@@ -46,10 +53,11 @@ def main(out_dir: str, mode: str, steps: int) -> None:
     """Modes: ``sync``/``msam``/``msam-noresync`` (SAMMixin), ``dropin``/``dropin-msam`` (the
     callback on an ordinary module), ``*-accumulate`` (2 micro-batches of 2 per rank and step)."""
     base = mode.removesuffix("-accumulate")
-    sync = base in ("sync", "dropin")
-    resync_every = {"sync": 0, "msam": 3, "msam-noresync": 0, "dropin": 0, "dropin-msam": 3}[base]
+    sync = base in ("sync", "dropin", "dropin-onepass")
+    resync_every = {"sync": 0, "msam": 3, "msam-noresync": 0, "dropin": 0, "dropin-msam": 3,
+                    "dropin-onepass": 0}[base]
     accumulate = 2 if mode.endswith("-accumulate") else 1
-    sam = NuSAM(rho=0.5, sync_first_pass=sync, resync_every=resync_every)
+    sam = NuSAM(rho=0.5, sync_first_pass=sync, resync_every=resync_every, one_pass=base == "dropin-onepass")
     recorder = Recorder(sam)
     dropin = base.startswith("dropin")
     module = PlainClassifier() if dropin else Classifier(accumulate_grad_batches=accumulate)

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_helpers import Classifier, classification_data, loader, subprocess_env, trainer
+from lightning_helpers import (
+    Classifier,
+    PlainClassifier,
+    classification_data,
+    loader,
+    subprocess_env,
+    trainer,
+)
 from lightning_nusam import NuSAM
 
 HERE = Path(__file__).resolve().parent
@@ -64,6 +71,27 @@ def test_ddp_synced_first_pass_equals_single_process_and_ranks_stay_identical(
     # the checkpointed RNG holds each rank's own state, so a resumed rank gets its own back
     assert rank0["rng_entries"] == rank1["rng_entries"] == 2
     assert rank0["own_rng_saved"] and rank1["own_rng_saved"]
+    assert deviation <= 1e-5
+
+
+def test_ddp_one_pass_estimates_from_the_all_reduced_gradient(tmp_path):
+    module = PlainClassifier()
+    weights = []
+
+    class Record(NuSAM):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            weights.append([p.detach().clone() for p in pl_module.parameters()])
+
+    trainer(max_steps=STEPS, callbacks=[Record(rho=0.5, one_pass=True)]).fit(
+        module, loader(classification_data(), 8))
+    rank0, rank1 = launch(tmp_path, "dropin-onepass")
+    assert rank0["allreduces_per_step"] == [1] * STEPS  # one pass per step
+    for step in range(STEPS):  # the direction comes from the same, all-reduced gradient on both ranks
+        assert all(torch.equal(a, b) for a, b in zip(rank0["first_grads"][step], rank1["first_grads"][step],
+                                                     strict=True))
+    deviation = max(max_difference(rank0["weights"][s], weights[s]) for s in range(STEPS))
+    print(f"one-pass DDP vs one process: {deviation:.3e}")
     assert deviation <= 1e-5
 
 
