@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint docs docs-check demo bench clean
 
-# make bench BENCH_ARGS=--full   (or --device cuda --precision bf16 --batch-size 128)
+# make bench BENCH_ARGS=--full   (or --accumulation, --cheaper-steps, --device cuda --precision bf16 ...)
 BENCH_ARGS ?=
 
 $(VENV)/.installed: pyproject.toml
@@ -17,16 +17,23 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 lint: install
-	$(PY) -m ruff check src tests examples benchmarks
+	$(PY) -m ruff check src tests examples benchmarks docs
 
-test: install lint
+# The API reference (docs/api) from the docstrings; fails on any pdoc warning.
+docs: install
+	$(PY) docs/build.py
+
+docs-check: install
+	$(PY) docs/build.py --out "$$(mktemp -d)"
+
+test: install lint docs-check
 	$(PY) -m pytest
 
 demo: install
-	$(PY) -m lightning_nusam.demo --config configs/quickstart.yaml
+	$(PY) -m lightning_nusam.demo
 
 bench: install
 	$(PY) benchmarks/memory_speed.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) runs lightning_logs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs lightning_logs .pytest_cache .ruff_cache build dist

@@ -505,7 +505,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     stem = args.name or f"memory_speed_{suffix}"
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows, args, command.strip(), device_name)
-    if not args.device.startswith("cuda"):
+    if not args.device.startswith("cuda") and not (args.accumulation or args.cheaper_steps):
         table += "\n" + power_iteration_table()
     (args.out / f"{stem}.md").write_text(table + "\n")
     (args.out / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")

@@ -21,19 +21,25 @@ def load_example(name: str):
     return module
 
 
-def test_quickstart_demo_reaches_90_percent_with_nusam(tmp_path, monkeypatch, capsys):
+def test_demo_reaches_90_percent_and_nusam_resists_label_noise(tmp_path, monkeypatch, capsys):
+    """The packaged quickstart with νSAM, then AdamW vs νSAM with 40 % wrong training labels:
+    the whole pipeline (data, step, callback) must deliver the method's effect."""
     from lightning_nusam.demo import main
 
     monkeypatch.chdir(tmp_path)
-    summary = main(["--config", str(ROOT / "configs" / "quickstart.yaml"),
-                    "--trainer.enable_progress_bar=false"])
+    summary = main(["--trainer.enable_progress_bar=false"])
     assert summary["test_acc1"] >= 0.90
     assert summary["sam_numel"] > 40 * summary["held_numel"] > 0
     assert summary["two_pass_ms"] > 0 and summary["one_pass_ms"] > 0
+    assert summary["noise_fraction"] == pytest.approx(0.4, abs=1e-3)
+    assert summary["noise_memorised_AdamW"] > 0.5 and summary["noise_memorised_νSAM"] < 0.2
+    assert summary["noise_test_acc1_νSAM"] > summary["noise_test_acc1_AdamW"] + 0.1
     run = tmp_path / "runs" / "quickstart"
     assert (run / "curves.png").stat().st_size > 10_000
     assert (run / "csv" / "metrics.csv").is_file() and any((run / "tensorboard").iterdir())
-    assert "test accuracy" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "quickstart_noise" / "comparison.png").stat().st_size > 10_000
+    output = capsys.readouterr().out
+    assert "test accuracy, AdamW" in output and "wrong labels fit" in output
 
 
 @pytest.mark.skipif(not SHARED_CIFAR10.is_dir(), reason=f"no local CIFAR-10 at {SHARED_CIFAR10}")

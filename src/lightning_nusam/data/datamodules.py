@@ -164,7 +164,12 @@ class DigitsDataModule(_ImageDataModule):
         self.val_size, self.test_size, self.split_seed = val_size, test_size, split_seed
 
     def setup(self, stage: str | None = None) -> None:
-        from sklearn.datasets import load_digits
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError as error:
+            raise ModuleNotFoundError(
+                "DigitsDataModule loads scikit-learn's bundled digits: pip install 'lightning-nusam[demo]'"
+            ) from error
 
         digits = load_digits()
         images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
