@@ -97,8 +97,10 @@ def test_console_script_and_module_entry_point():
 CALLBACK_CLASSES = ["NuSAM", "NuSAMNorm", "SAM", "SAMON", "GaussSAM"]
 COMMON_OPTIONS = ["rho", "start_epoch", "start_fraction", "every_n_steps", "rho_schedule", "rho_final",
                   "one_pass", "sync_first_pass", "resync_every", "batchnorm_update"]
-OWN_OPTIONS = {"NuSAM": ["power_iterations", "include", "exclude", "include_conv", "batched", "seed"],
-               "NuSAMNorm": ["power_iterations", "include", "exclude", "include_conv", "batched", "seed"],
+OWN_OPTIONS = {"NuSAM": ["power_iterations", "include", "exclude", "include_conv", "include_embeddings",
+                         "batched", "seed"],
+               "NuSAMNorm": ["power_iterations", "include", "exclude", "include_conv", "include_embeddings",
+                             "batched", "seed"],
                "SAM": ["include", "exclude", "adaptive", "adaptive_eta"], "SAMON": [],
                "GaussSAM": ["seed"]}
 

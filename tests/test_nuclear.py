@@ -254,8 +254,12 @@ def test_frozen_and_tied_parameters(vit_like):
     vit_like.blocks[0].fc1.weight.requires_grad_(False)
     assert "blocks.0.fc1.weight" not in NuclearPerturbation(vit_like, rho=0.1).parameter_names
     tied = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
-    tied[1].weight = tied[0].weight
+    tied[1].weight = tied[0].weight  # the output projection's matrix: perturbed, once
     assert NuclearPerturbation(tied, rho=0.1).parameter_names == ["0.weight"]
+    untied = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))  # a lookup table is not
+    assert NuclearPerturbation(untied, rho=0.1).parameter_names == ["1.weight"]
+    assert NuclearPerturbation(untied, rho=0.1, include_embeddings=True).parameter_names == ["0.weight",
+                                                                                              "1.weight"]
 
 
 def test_held_numel_is_the_vectors_it_keeps(vit_like):

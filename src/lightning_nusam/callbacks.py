@@ -564,6 +564,7 @@ class NuSAM(SharpnessAwareCallback):
         exclude: name patterns (or one pattern as a string) never perturbed (default:
             position embeddings and class tokens).
         include_conv: perturb convolution kernels too, as ``(out, in·kh·kw)`` matrices.
+        include_embeddings: perturb embedding tables (``nn.Embedding``) too.
         batched: ``"auto"`` (batched ``bmm`` for small repeated shapes, a loop for the rest),
             ``True`` or ``False``; see :class:`~lightning_nusam.perturbations.NuclearPerturbation`.
         seed: seed of the initial vectors ``u``.
@@ -592,6 +593,7 @@ class NuSAM(SharpnessAwareCallback):
         include: Sequence[str] | str | None = None,
         exclude: Sequence[str] | str = DEFAULT_NUCLEAR_EXCLUDE,
         include_conv: bool = False,
+        include_embeddings: bool = False,
         batched: bool | Literal["auto"] = "auto",
         seed: int = 0,
         **kwargs: Any,
@@ -601,6 +603,7 @@ class NuSAM(SharpnessAwareCallback):
         self.include = None if include is None else list(as_patterns("include", include))
         self.exclude = list(as_patterns("exclude", exclude))
         self.include_conv = _check_flag("include_conv", include_conv)
+        self.include_embeddings = _check_flag("include_embeddings", include_embeddings)
         if batched not in (True, False, "auto"):
             raise ValueError(f"`batched` must be True, False or 'auto', got {batched!r}")
         self.batched = batched
@@ -617,6 +620,7 @@ class NuSAM(SharpnessAwareCallback):
             include=self.include,
             exclude=self.exclude,
             include_conv=self.include_conv,
+            include_embeddings=self.include_embeddings,
             batched=self.batched,
             seed=self.seed,
         )

@@ -108,6 +108,10 @@ class NuclearPerturbation(Perturbation):
             layers are always excluded).
         include_conv: also perturb convolution kernels, each as an ``(out, in·kh·kw)`` matrix
             (off by default, as in the paper, which skips the ViT's patch convolution).
+        include_embeddings: also perturb embedding tables (``nn.Embedding``: the token, position
+            and segment embeddings of a language model). Off by default: a lookup table is not
+            the weight matrix of a linear map (Algorithm 1 perturbs those), like the ViT's
+            position embedding and class token, which the paper leaves alone.
         batched: run the power iteration as one ``bmm`` per group of equally shaped matrices
             (``True``), as a plain per-matrix loop (``False``), or batched for small matrices
             only (``"auto"``, default: at most ``AUTO_BATCH_MAX_NUMEL`` entries each); all give
@@ -145,6 +149,7 @@ class NuclearPerturbation(Perturbation):
         exclude: Sequence[str] | str = DEFAULT_NUCLEAR_EXCLUDE,
         exclude_modules: Sequence[type[nn.Module]] = (),
         include_conv: bool = False,
+        include_embeddings: bool = False,
         batched: bool | Literal["auto"] = "auto",
         max_stack_numel: int = DEFAULT_MAX_STACK_NUMEL,
         tau: float = DEFAULT_TAU,
@@ -167,6 +172,7 @@ class NuclearPerturbation(Perturbation):
             exclude=exclude,
             exclude_modules=exclude_modules,
             include_conv=include_conv,
+            include_embeddings=include_embeddings,
         )
         if not selected:
             raise nothing_to_perturb(

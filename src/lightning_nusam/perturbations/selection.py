@@ -43,26 +43,34 @@ NORM_LAYER_TYPES: tuple[type[nn.Module], ...] = tuple(
 
 CONV_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd,)
 
+#: Lookup tables: their rows are vectors of tokens, not the weights of a linear map.
+EMBEDDING_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
+
 
 @dataclass(frozen=True)
 class SelectedParameter:
-    """One parameter chosen for perturbation, with the module that owns it."""
+    """One parameter chosen for perturbation, with the module that owns it (the first one, in
+    ``named_modules`` order) and every module that holds it (more than one when tied)."""
 
     name: str
     parameter: nn.Parameter
     module: nn.Module
+    owners: tuple[nn.Module, ...] = ()
 
 
 def owned_parameters(model: nn.Module) -> Iterator[SelectedParameter]:
-    """Yield every trainable parameter once (shared/tied parameters once) with its owner module."""
-    seen: set[int] = set()
+    """Yield every trainable parameter once (shared/tied parameters once) with its owner modules."""
+    owners: dict[int, list[nn.Module]] = {}
+    first: dict[int, tuple[str, nn.Parameter]] = {}
     for module_name, module in model.named_modules():
         for local_name, parameter in module.named_parameters(recurse=False):
-            if id(parameter) in seen or not parameter.requires_grad:
+            if not parameter.requires_grad:
                 continue
-            seen.add(id(parameter))
-            name = f"{module_name}.{local_name}" if module_name else local_name
-            yield SelectedParameter(name, parameter, module)
+            owners.setdefault(id(parameter), []).append(module)
+            first.setdefault(id(parameter), (f"{module_name}.{local_name}" if module_name else local_name,
+                                             parameter))
+    for key, (name, parameter) in first.items():
+        yield SelectedParameter(name, parameter, owners[key][0], tuple(owners[key]))
 
 
 def matches_any(name: str, patterns: Sequence[str]) -> bool:
@@ -113,20 +121,25 @@ def select_matrices(
     exclude: Sequence[str] | str = DEFAULT_NUCLEAR_EXCLUDE,
     exclude_modules: Sequence[type[nn.Module]] = (),
     include_conv: bool = False,
+    include_embeddings: bool = False,
 ) -> list[SelectedParameter]:
     """The weight matrices νSAM perturbs (Algorithm 1: ``x = (M_1, ..., M_l)``).
 
     A parameter is selected when it requires grad, is 2-D (or is a convolution kernel and
     ``include_conv`` is set, then seen as an ``(out, in·kh·kw)`` matrix), its name matches
     ``include`` (when given) and no pattern of ``exclude``, its module is neither a
-    normalisation layer nor an instance of ``exclude_modules``, and it does not get sparse
-    gradients. ``include`` and ``exclude`` take a pattern or a list of them.
+    normalisation layer, nor an embedding table (unless ``include_embeddings``), nor an
+    instance of ``exclude_modules``, and it does not get sparse gradients. ``include`` and
+    ``exclude`` take a pattern or a list of them.
     """
     include = None if include is None else as_patterns("include", include)
     exclude = as_patterns("exclude", exclude)
     skip_types = NORM_LAYER_TYPES + tuple(exclude_modules)
     selected = []
     for item in owned_parameters(model):
+        # an embedding tied to an output projection (a linear map) is that layer's weight matrix
+        if not include_embeddings and all(isinstance(m, EMBEDDING_TYPES) for m in item.owners):
+            continue
         is_conv = isinstance(item.module, CONV_LAYER_TYPES) and item.parameter.dim() > 2
         if is_conv and not include_conv:
             continue
