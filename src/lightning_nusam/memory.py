@@ -1,4 +1,8 @@
-"""``nusam memory --model NAME``: the paper's Table 1 for any timm model, plus training state.
+"""``nusam memory``: the paper's Table 1 for any timm or Hugging Face model, plus training state.
+
+    nusam memory --model vit_base_patch16_224              # a timm model
+    nusam memory --transformers bert                       # BERT-base (the default config of a type)
+    nusam memory --transformers models/bert-base-uncased   # a local config.json (or its directory)
 
 The model is built on the ``meta`` device (no memory, no download). SAM must keep a copy of
 every trainable weight (or its perturbation); νSAM keeps ``u`` and ``v`` per weight matrix, and
@@ -10,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import timm
 import torch
@@ -40,12 +45,32 @@ class MemoryReport:
 
 
 def memory_report(model_name: str, **model_kwargs) -> MemoryReport:
-    """Build ``model_name`` on the meta device and count what SAM and νSAM must hold."""
+    """Build the timm model ``model_name`` on the meta device and count what SAM and νSAM hold."""
     with torch.device("meta"):
         model = timm.create_model(model_name, **model_kwargs)
+    return count(model_name, model)
+
+
+def transformers_memory_report(config: str, num_labels: int = 2) -> MemoryReport:
+    """The same for a Hugging Face sequence classifier, from a local ``config.json`` (or the
+    directory holding it), or from the default config of a model type (``bert`` = BERT-base)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    path = Path(config).expanduser()
+    if path.exists():
+        model_config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    else:
+        model_config = AutoConfig.for_model(config)
+    model_config.num_labels = num_labels
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(model_config)
+    return count(f"{type(model).__name__} ({config}, {num_labels} labels)", model)
+
+
+def count(name: str, model: torch.nn.Module) -> MemoryReport:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     nusam = NuclearPerturbation(model, rho=0.0)
-    return MemoryReport(model_name, trainable, trainable, nusam.held_numel(), len(nusam.parameter_names))
+    return MemoryReport(name, trainable, trainable, nusam.held_numel(), len(nusam.parameter_names))
 
 
 def format_report(report: MemoryReport, bytes_per_number: int = 4) -> str:
@@ -82,13 +107,20 @@ def format_report(report: MemoryReport, bytes_per_number: int = 4) -> str:
 
 def main(argv: list[str] | None = None) -> MemoryReport:
     parser = argparse.ArgumentParser(prog="nusam memory", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="a timm model name, e.g. vit_base_patch16_224")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a timm model name, e.g. vit_base_patch16_224")
+    source.add_argument("--transformers", metavar="CONFIG",
+                        help="a Hugging Face config.json (or its directory), or a model type such as bert")
+    parser.add_argument("--num-labels", type=int, default=2, help="classes of the --transformers head")
     parser.add_argument(
         "--model-kwargs", default="{}", help='JSON, e.g. \'{"img_size": 32, "patch_size": 4}\''
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     args = parser.parse_args(argv)
-    report = memory_report(args.model, **json.loads(args.model_kwargs))
+    if args.transformers:
+        report = transformers_memory_report(args.transformers, args.num_labels)
+    else:
+        report = memory_report(args.model, **json.loads(args.model_kwargs))
     if args.json:
         print(json.dumps({**asdict(report), "training_state": {
             name: report.training_state(name) for name in OPTIMIZER_STATE_PER_WEIGHT}}, indent=2))

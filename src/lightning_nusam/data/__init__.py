@@ -1,4 +1,5 @@
-"""Data: the embedded digits, CIFAR-10/100, label noise, and a resumable data order."""
+"""Data: the embedded digits, CIFAR-10/100, text classification (GLUE), label noise, and a
+resumable data order."""
 
 from lightning_nusam.data.datamodules import (
     CIFAR_STATS,
@@ -9,15 +10,19 @@ from lightning_nusam.data.datamodules import (
 )
 from lightning_nusam.data.label_noise import NoisyLabels, symmetric_label_noise
 from lightning_nusam.data.resumable import ResumableDataLoader, ResumableSampler
+from lightning_nusam.data.text import GLUE_TASKS, GlueTask, TextClassificationDataModule
 
 __all__ = [
     "CIFAR_STATS",
+    "GLUE_TASKS",
     "CIFARDataModule",
     "DigitsDataModule",
+    "GlueTask",
     "ImageArrayDataset",
     "NoisyLabels",
     "ResumableDataLoader",
     "ResumableSampler",
+    "TextClassificationDataModule",
     "load_npz",
     "symmetric_label_noise",
 ]

@@ -211,6 +211,13 @@ class ImageClassifier(SAMMixin, pl.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics, "val")
 
+    def on_validation_epoch_end(self) -> None:
+        """``val/score``: the task's main metric (top-1 accuracy here), which the method configs'
+        ModelCheckpoint monitors for image and text models alike."""
+        value = self.trainer.callback_metrics.get("val/acc1")
+        if value is not None:
+            self.log("val/score", value)
+
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics, "test")
 
