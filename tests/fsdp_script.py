@@ -3,7 +3,8 @@
 Modes: ``train`` (νSAM, 32-true, checkpoints every 3 steps; records full weights per step,
 the communication of each perturb() and any full-tensor materialisation), ``resume`` (from the
 step-3 checkpoint of ``train``), ``bf16`` (bf16-mixed trains), ``sam`` and ``samon`` (the ℓ2
-methods, 32-true). Results go to OUT/<mode>_rank<r>.pt.
+methods, 32-true), ``dropin`` (νSAM driven by the callback on an automatic-optimization
+module). Results go to OUT/<mode>_rank<r>.pt.
 """
 
 import sys
@@ -17,7 +18,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from lightning_helpers import Classifier, classification_data, trainer
+from lightning_helpers import Classifier, PlainClassifier, classification_data, trainer
 from lightning_nusam import SAM, SAMON, NuSAM
 from lightning_nusam.data import ResumableDataLoader
 
@@ -29,6 +30,12 @@ class ShardedClassifier(Classifier):
             if isinstance(layer, nn.Linear):
                 fully_shard(layer, mesh=mesh)
         fully_shard(self.net, mesh=mesh)
+
+
+class ShardedPlainClassifier(PlainClassifier):
+    """The drop-in's module: automatic optimization, sharded the same way."""
+
+    configure_model = ShardedClassifier.configure_model
 
 
 class Recorder(Callback):
@@ -85,7 +92,8 @@ def main(out_dir: str, mode: str) -> None:
         devices=2, max_steps=6, max_epochs=-1, callbacks=callbacks, enable_checkpointing=mode == "train",
         precision="bf16-mixed" if mode == "bf16" else "32-true",
     )
-    module = ShardedClassifier(optimizer="adamw" if mode == "bf16" else "sgd")
+    module_class = ShardedPlainClassifier if mode == "dropin" else ShardedClassifier
+    module = module_class(optimizer="adamw" if mode == "bf16" else "sgd")
     ckpt = str(out / "ckpt" / "epoch=0-step=3.ckpt") if mode == "resume" else None
     run.fit(module, ResumableDataLoader(classification_data(), batch_size=4, shuffle=False), ckpt_path=ckpt)
     perturbation = sam.perturbation
@@ -99,8 +107,8 @@ def main(out_dir: str, mode: str) -> None:
         if hasattr(perturbation, "singular_vectors") else {},
         "matrix_shapes": {n: tuple(p.shape) for n, p in zip(perturbation.parameter_names,
                                                            perturbation.parameters, strict=True)},
-        "loss": float(run.callback_metrics["train/loss_epoch"]) if "train/loss_epoch" in run.callback_metrics
-        else float(run.callback_metrics["train/loss_step"]),
+        "loss": float(next(run.callback_metrics[k] for k in ("train/loss_epoch", "train/loss_step",
+                                                              "train_loss") if k in run.callback_metrics)),
         "world_size": run.world_size,
     }
     torch.save(info, out / f"{mode}_rank{run.global_rank}.pt")

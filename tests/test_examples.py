@@ -27,17 +27,43 @@ def test_readme_plain_pytorch_loop_runs_and_restores_the_weights():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_readme_lightning_example_trains():
+def lightning_section_code() -> list[str]:
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("## PyTorch Lightning", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    section = readme.split("## PyTorch Lightning", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+def test_readme_dropin_example_trains_an_unmodified_module():
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(lightning_section_code()[0], "README.md", "exec"), namespace)
     lightning, classifier = namespace["L"], namespace["Classifier"]()
     assert namespace["trainer"].callbacks[0].rho == 0.1
+    assert namespace["trainer"].accumulate_grad_batches == 4
+    assert not hasattr(classifier, "compute_loss")  # an ordinary module
     data = torch.utils.data.TensorDataset(torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,)))
     trainer = lightning.Trainer(max_steps=3, callbacks=[namespace["NuSAM"](rho=0.1)], logger=False,
-                                enable_checkpointing=False, enable_progress_bar=False)
+                                enable_checkpointing=False, enable_progress_bar=False, gradient_clip_val=1.0)
     trainer.fit(classifier, torch.utils.data.DataLoader(data, batch_size=8))
     assert trainer.global_step == 3
     assert trainer.callback_metrics["sam/active_step"] == 1.0
+
+
+def test_readme_mixin_example_trains():
+    first, mixin = lightning_section_code()[:2]
+    namespace: dict = {}
+    exec(compile(first, "README.md", "exec"), namespace)
+    exec(compile(mixin, "README.md", "exec"), namespace)
+    classifier = namespace["Classifier"]()
+    assert classifier.accumulate_grad_batches == 4 and classifier.gradient_clip_val == 1.0
+    data = torch.utils.data.TensorDataset(torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,)))
+    trainer = namespace["L"].Trainer(max_steps=2, callbacks=[namespace["NuSAM"](rho=0.1)], logger=False,
+                                     enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(classifier, torch.utils.data.DataLoader(data, batch_size=4))
+    assert trainer.global_step == 2 and classifier.sam_pass is None
+
+
+def test_dropin_example_trains_on_the_digits():
+    spec = importlib.util.spec_from_file_location("dropin", ROOT / "examples" / "dropin.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main(epochs=4) > 0.85

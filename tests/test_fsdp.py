@@ -62,6 +62,15 @@ def test_fsdp2_equals_single_process_on_the_joined_batch(runs, single_process_we
         assert max_difference(rank0["weights"][step], rank1["weights"][step]) == 0.0
 
 
+def test_fsdp2_dropin_equals_single_process(tmp_path, single_process_weights):
+    """The callback alone on an automatic-optimization module under FSDP2: the same step."""
+    rank0, rank1 = launch(tmp_path, "dropin")
+    deviation = max(max_difference(rank0["weights"][s], single_process_weights[s]) for s in range(STEPS))
+    print(f"drop-in: max |w_fsdp2 - w_single| over {STEPS} steps: {deviation:.3e}")
+    assert deviation <= 1e-5
+    assert all(max_difference(a, b) == 0.0 for a, b in zip(rank0["weights"], rank1["weights"], strict=True))
+
+
 def test_fsdp2_perturbation_communicates_only_vectors_and_holds_local_rows(runs):
     rank0, rank1 = runs["train"]
     shapes = rank0["matrix_shapes"]  # global (n, m) of each perturbed matrix
