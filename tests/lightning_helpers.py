@@ -119,6 +119,33 @@ class PlainClassifier(L.LightningModule):
         return configure_optimizers(self)
 
 
+def resumable_fit(module_class, sam, folder: Path, ckpt_path: str | None = None,
+                  save_every: int | None = None, data_seed: int = 3) -> L.LightningModule:
+    """Two epochs with dropout, AdamW and a per-step scheduler, validation each epoch and a
+    resumable data order; with ``save_every``, checkpoints every that many steps in ``folder``."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_nusam.data import ResumableDataLoader
+
+    torch.manual_seed(0)
+    module = module_class(net=make_net(dropout=0.3), optimizer="adamw", lr=0.01,
+                          scheduler={"interval": "step", "frequency": 1})
+    callbacks = [sam]
+    if save_every:
+        callbacks.append(ModelCheckpoint(dirpath=folder, every_n_train_steps=save_every, save_top_k=-1))
+    run = trainer(max_epochs=2, callbacks=callbacks, enable_checkpointing=bool(save_every))
+    train = ResumableDataLoader(classification_data(n=48), batch_size=8, seed=data_seed)
+    run.fit(module, train_dataloaders=train,
+            val_dataloaders=DataLoader(classification_data(n=16, seed=1), batch_size=8,
+                                       generator=torch.Generator().manual_seed(0)),
+            ckpt_path=ckpt_path)
+    return module
+
+
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+
+
 def trainer(**kwargs) -> L.Trainer:
     defaults = dict(
         accelerator="cpu",

@@ -6,14 +6,11 @@ import copy
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
-from torch.utils.data import DataLoader
 
 from lightning_helpers import Classifier, PlainClassifier, classification_data, loader, make_net, trainer
 from lightning_nusam import SAM, SAMON, GaussSAM, NuSAM, NuSAMNorm
-from lightning_nusam.data import ResumableDataLoader
 from test_lightning_step import max_weight_difference
 
 CALLBACKS = {"NuSAM": NuSAM, "NuSAMNorm": NuSAMNorm, "SAM": SAM, "SAMON": SAMON, "GaussSAM": GaussSAM}
@@ -97,53 +94,6 @@ def test_16_mixed_works_through_the_mixin():
     run = trainer(max_steps=3, callbacks=[NuSAM(rho=0.1)], plugins=[MixedPrecision("16-mixed", "cpu")])
     run.fit(Classifier(), loader(classification_data()))
     assert run.global_step == 3 and run.callback_metrics["sam/active_step"] == 1.0
-
-
-class AssertNeverPerturbedOnSave(Callback):
-    def __init__(self, sam):
-        self.sam, self.saves = sam, 0
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        assert not self.sam.perturbation.is_perturbed
-        for name, value in pl_module.state_dict().items():
-            assert torch.equal(checkpoint["state_dict"][name], value)
-        self.saves += 1
-
-
-def test_dropin_checkpoints_hold_unperturbed_weights_and_the_callback_state(tmp_path):
-    sam = NuSAM(rho=1.0)
-    guard = AssertNeverPerturbedOnSave(sam)
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)
-    trainer(max_steps=3, callbacks=[sam, guard, checkpoint], enable_checkpointing=True).fit(
-        PlainClassifier(), loader(classification_data()))
-    assert guard.saves == 3
-    state = torch.load(tmp_path / "epoch=0-step=3.ckpt", weights_only=False)
-    callback_state = next(v for k, v in state["callbacks"].items() if k.startswith("NuSAM"))
-    assert callback_state["perturbation"]["steps"] == 3
-    assert set(callback_state["perturbation"]["u"]) == set(sam.perturbation.parameter_names)
-
-
-def resumable_dropin_run(tmp_path, ckpt_path=None, save_every=None):
-    torch.manual_seed(0)
-    module = PlainClassifier(net=make_net(dropout=0.3), optimizer="adamw", lr=0.01,
-                             scheduler={"interval": "step", "frequency": 1})
-    callbacks: list[Callback] = [NuSAM(rho=0.2, start_fraction=0.1)]
-    if save_every:
-        callbacks.append(ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=save_every, save_top_k=-1))
-    run = trainer(max_epochs=2, callbacks=callbacks, enable_checkpointing=bool(save_every))
-    run.fit(module, train_dataloaders=ResumableDataLoader(classification_data(n=48), batch_size=8, seed=3),
-            val_dataloaders=DataLoader(classification_data(n=16, seed=1), batch_size=8), ckpt_path=ckpt_path)
-    return module
-
-
-def test_dropin_resume_mid_epoch_is_bit_identical(tmp_path):
-    uninterrupted = resumable_dropin_run(tmp_path / "a", save_every=3)
-    torch.manual_seed(1234)
-    checkpoint = tmp_path / "a" / "epoch=1-step=9.ckpt"
-    resumed = resumable_dropin_run(tmp_path / "b", ckpt_path=str(checkpoint))
-    assert resumed.global_step == uninterrupted.global_step == 12
-    pairs = zip(uninterrupted.parameters(), resumed.parameters(), strict=True)
-    assert all(torch.equal(a, b) for a, b in pairs)
 
 
 def test_an_exception_in_the_second_pass_leaves_no_perturbation():

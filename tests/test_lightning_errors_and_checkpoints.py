@@ -6,11 +6,17 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
-from torch.utils.data import DataLoader
 
-from lightning_helpers import Classifier, classification_data, loader, make_net, trainer
+from lightning_helpers import (
+    Classifier,
+    PlainClassifier,
+    classification_data,
+    loader,
+    resumable_fit,
+    same_weights,
+    trainer,
+)
 from lightning_nusam import SAM, SAMON, NuSAM, SAMMixin
-from lightning_nusam.data import ResumableDataLoader
 
 
 def fit(module, callbacks, **kwargs):
@@ -89,12 +95,13 @@ class AssertNeverPerturbedOnSave(Callback):
         self.saves += 1
 
 
-def test_checkpoints_never_hold_perturbed_weights(tmp_path):
+@pytest.mark.parametrize("module_class", [Classifier, PlainClassifier], ids=["mixin", "dropin"])
+def test_checkpoints_never_hold_perturbed_weights(tmp_path, module_class):
     sam = NuSAM(rho=1.0)
     guard = AssertNeverPerturbedOnSave(sam)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)
     trainer(max_steps=4, callbacks=[sam, guard, checkpoint], enable_checkpointing=True).fit(
-        Classifier(), loader(classification_data()))
+        module_class(), loader(classification_data()))
     assert guard.saves == 4
     state = torch.load(tmp_path / "epoch=0-step=4.ckpt", weights_only=False)
     callback_state = next(v for k, v in state["callbacks"].items() if k.startswith("NuSAM"))
@@ -102,35 +109,17 @@ def test_checkpoints_never_hold_perturbed_weights(tmp_path):
     assert set(callback_state["perturbation"]["u"]) == set(sam.perturbation.parameter_names)
 
 
-def resumable_run(tmp_path, ckpt_path=None, max_epochs=2, save_every=None):
-    """Dropout, AdamW + per-step scheduler, validation each epoch, a resumable data order."""
-    torch.manual_seed(0)
-    module = Classifier(net=make_net(dropout=0.3), optimizer="adamw", lr=0.01,
-                        scheduler={"interval": "step", "frequency": 1})
-    dataset = classification_data(n=48)
-    callbacks = [NuSAM(rho=0.2, start_fraction=0.1)]
-    if save_every:
-        callbacks.append(ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=save_every, save_top_k=-1))
-    run = trainer(max_epochs=max_epochs, callbacks=callbacks, enable_checkpointing=bool(save_every))
-    run.fit(
-        module,
-        train_dataloaders=ResumableDataLoader(dataset, batch_size=8, shuffle=True, seed=3),
-        val_dataloaders=DataLoader(classification_data(n=16, seed=1), batch_size=8,
-                                   generator=torch.Generator().manual_seed(0)),
-        ckpt_path=ckpt_path,
-    )
-    return module, callbacks[0]
-
-
+@pytest.mark.parametrize("module_class", [Classifier, PlainClassifier], ids=["mixin", "dropin"])
 @pytest.mark.parametrize("resume_step", [3, 9])
-def test_resume_mid_epoch_is_bit_identical_to_an_uninterrupted_run(tmp_path, resume_step):
-    uninterrupted, sam = resumable_run(tmp_path / "a", save_every=3)
+def test_resume_mid_epoch_is_bit_identical_to_an_uninterrupted_run(tmp_path, resume_step, module_class):
+    sam = NuSAM(rho=0.2, start_fraction=0.1)
+    uninterrupted = resumable_fit(module_class, sam, tmp_path / "a", save_every=3)
     ckpt = tmp_path / "a" / f"epoch={(resume_step - 1) // 6}-step={resume_step}.ckpt"
     torch.manual_seed(1234)  # whatever the process did before must not matter
-    resumed, resumed_sam = resumable_run(tmp_path / "b", ckpt_path=str(ckpt))
+    resumed_sam = NuSAM(rho=0.2, start_fraction=0.1)
+    resumed = resumable_fit(module_class, resumed_sam, tmp_path / "b", ckpt_path=str(ckpt))
     assert resumed.global_step == uninterrupted.global_step == 12
-    for a, b in zip(uninterrupted.parameters(), resumed.parameters(), strict=True):
-        assert torch.equal(a, b)
+    assert same_weights(uninterrupted, resumed)
     assert resumed_sam.perturbation.steps == sam.perturbation.steps
     for name, (u, _) in sam.perturbation.singular_vectors().items():
         assert torch.equal(u, resumed_sam.perturbation.singular_vectors()[name][0])

@@ -3,13 +3,19 @@ forward/backward per step, on both ways in."""
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins import MixedPrecision
-from torch.utils.data import DataLoader
 
-from lightning_helpers import Classifier, PlainClassifier, classification_data, loader, make_net, trainer
+from lightning_helpers import (
+    Classifier,
+    PlainClassifier,
+    classification_data,
+    loader,
+    resumable_fit,
+    same_weights,
+    trainer,
+)
 from lightning_nusam import SAM, SAMON, GaussSAM, NuSAM, NuSAMNorm
-from lightning_nusam.data import ResumableDataLoader
 from test_lightning_step import max_weight_difference
 
 
@@ -149,28 +155,15 @@ def test_one_pass_under_16_mixed_through_the_mixin():
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
-def one_pass_run(tmp_path, ckpt_path=None, save_every=None):
-    torch.manual_seed(0)
-    module = PlainClassifier(net=make_net(dropout=0.2), optimizer="adamw", lr=0.01,
-                             scheduler={"interval": "step", "frequency": 1})
-    sam = NuSAM(rho=0.3, one_pass=True, start_fraction=0.1)
-    callbacks: list[Callback] = [sam]
-    if save_every:
-        callbacks.append(ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=save_every, save_top_k=-1))
-    run = trainer(max_epochs=2, callbacks=callbacks, enable_checkpointing=bool(save_every))
-    run.fit(module, ResumableDataLoader(classification_data(n=48), batch_size=8, seed=4),
-            val_dataloaders=DataLoader(classification_data(n=16, seed=1), batch_size=8), ckpt_path=ckpt_path)
-    return module, sam
-
-
 def test_one_pass_resume_is_bit_identical(tmp_path):
-    uninterrupted, sam = one_pass_run(tmp_path / "a", save_every=4)
+    sam = NuSAM(rho=0.3, one_pass=True, start_fraction=0.1)
+    uninterrupted = resumable_fit(PlainClassifier, sam, tmp_path / "a", save_every=4, data_seed=4)
     state = torch.load(tmp_path / "a" / "epoch=0-step=4.ckpt", weights_only=False)
     saved = next(v for k, v in state["callbacks"].items() if k.startswith("NuSAM"))["perturbation"]
     assert set(saved["v"]) == set(saved["u"]) and saved["estimated"]  # the direction for step 5
     torch.manual_seed(7)
-    checkpoint = tmp_path / "a" / "epoch=0-step=4.ckpt"
-    resumed, resumed_sam = one_pass_run(tmp_path / "b", ckpt_path=str(checkpoint))
-    pairs = zip(uninterrupted.parameters(), resumed.parameters(), strict=True)
-    assert all(torch.equal(a, b) for a, b in pairs)
+    resumed_sam = NuSAM(rho=0.3, one_pass=True, start_fraction=0.1)
+    resumed = resumable_fit(PlainClassifier, resumed_sam, tmp_path / "b", data_seed=4,
+                            ckpt_path=str(tmp_path / "a" / "epoch=0-step=4.ckpt"))
+    assert same_weights(uninterrupted, resumed)
     assert resumed_sam.perturbation.steps == sam.perturbation.steps

@@ -5,13 +5,20 @@ import math
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from torch import nn
-from torch.utils.data import DataLoader
 
-from lightning_helpers import Classifier, PlainClassifier, classification_data, loader, make_net, trainer
+from lightning_helpers import (
+    Classifier,
+    PlainClassifier,
+    classification_data,
+    loader,
+    make_net,
+    resumable_fit,
+    same_weights,
+    trainer,
+)
 from lightning_nusam import SAM, NuSAM
-from lightning_nusam.data import ResumableDataLoader
 from lightning_nusam.perturbations import L2Perturbation
 
 
@@ -88,28 +95,18 @@ def test_schedules_that_need_the_number_of_steps_refuse_an_unknown_one():
         run.fit(PlainClassifier(), loader(classification_data()))
 
 
-def scheduled_run(tmp_path, ckpt_path=None, save_every=None):
-    torch.manual_seed(0)
-    module = PlainClassifier(net=make_net(dropout=0.2), optimizer="adamw", lr=0.01,
-                             scheduler={"interval": "step", "frequency": 1})
-    sam = NuSAM(rho=0.3, rho_schedule="linear", rho_final=0.05, every_n_steps=2, start_fraction=0.2)
-    callbacks: list[Callback] = [sam]
-    if save_every:
-        callbacks.append(ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=save_every, save_top_k=-1))
-    run = trainer(max_epochs=2, callbacks=callbacks, enable_checkpointing=bool(save_every))
-    run.fit(module, ResumableDataLoader(classification_data(n=48), batch_size=8, seed=2),
-            val_dataloaders=DataLoader(classification_data(n=16, seed=1), batch_size=8), ckpt_path=ckpt_path)
-    return module, sam
+def scheduled_nusam() -> NuSAM:
+    return NuSAM(rho=0.3, rho_schedule="linear", rho_final=0.05, every_n_steps=2, start_fraction=0.2)
 
 
 def test_resume_in_the_middle_of_a_schedule_is_bit_identical(tmp_path):
-    uninterrupted, sam = scheduled_run(tmp_path / "a", save_every=5)
+    sam = scheduled_nusam()
+    uninterrupted = resumable_fit(PlainClassifier, sam, tmp_path / "a", save_every=5, data_seed=2)
     torch.manual_seed(99)
-    checkpoint = tmp_path / "a" / "epoch=0-step=5.ckpt"
-    resumed, resumed_sam = scheduled_run(tmp_path / "b", ckpt_path=str(checkpoint))
-    assert resumed.global_step == 12
-    pairs = zip(uninterrupted.parameters(), resumed.parameters(), strict=True)
-    assert all(torch.equal(a, b) for a, b in pairs)
+    resumed_sam = scheduled_nusam()
+    resumed = resumable_fit(PlainClassifier, resumed_sam, tmp_path / "b", data_seed=2,
+                            ckpt_path=str(tmp_path / "a" / "epoch=0-step=5.ckpt"))
+    assert resumed.global_step == 12 and same_weights(uninterrupted, resumed)
     assert resumed_sam.perturbation.steps == sam.perturbation.steps
 
 
