@@ -333,8 +333,7 @@ class SharpnessAwareCallback(Callback):
         if self.one_pass and not self.perturbation.has_direction:
             perturb = False  # the first one-pass step primes the direction with a plain step
         rho = self.radius(trainer) if perturb else 0.0
-        return StepPlan(perturb=perturb, rho=rho, one_pass=self.one_pass, estimate_after=self.one_pass,
-                        started=True)
+        return StepPlan(perturb=perturb, rho=rho, one_pass=self.one_pass, estimate_after=self.one_pass)
 
     def radius(self, trainer: pl.Trainer) -> float:
         """The radius in force at ``trainer.global_step`` under ``rho_schedule``."""

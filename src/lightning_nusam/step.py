@@ -56,14 +56,12 @@ class StepPlan:
         one_pass: ``ε`` comes from the previous step's direction; a single pass.
         estimate_after: estimate the direction for the next step after the last backward
             (one-pass mode, from its start on: the first started step only primes it).
-        started: the perturbation's start has been reached (``sam/active`` is ``perturb``).
     """
 
     perturb: bool = False
     rho: float = 0.0
     one_pass: bool = False
     estimate_after: bool = False
-    started: bool = False
 
     @property
     def two_pass(self) -> bool:
