@@ -167,3 +167,39 @@ def test_one_pass_resume_is_bit_identical(tmp_path):
                             ckpt_path=str(tmp_path / "a" / "epoch=0-step=4.ckpt"))
     assert same_weights(uninterrupted, resumed)
     assert resumed_sam.perturbation.steps == sam.perturbation.steps
+
+
+class ValidationSeesCleanWeights(Callback):
+    """Validation in the middle of an accumulation window must see w, not w + ε."""
+
+    def __init__(self, sam):
+        self.sam, self.checked = sam, 0
+
+    def on_validation_start(self, trainer, pl_module):
+        assert not self.sam.perturbation.is_perturbed
+        self.checked += 1
+
+
+@pytest.mark.parametrize("module_cls", [Classifier, PlainClassifier], ids=["mixin", "dropin"])
+def test_one_pass_epsilon_never_outlives_a_micro_batch(module_cls):
+    sam = NuSAM(rho=0.3, one_pass=True)
+    guard = ValidationSeesCleanWeights(sam)
+    module = Classifier(accumulate_grad_batches=4) if module_cls is Classifier else PlainClassifier()
+    run = trainer(max_epochs=1, callbacks=[sam, guard], val_check_interval=3,  # mid-window validation
+                  accumulate_grad_batches=1 if module_cls is Classifier else 4)
+    data = loader(classification_data(), 2)
+    run.fit(module, data, val_dataloaders=data)
+    assert guard.checked >= 4 and run.global_step == 6
+    assert sam.perturbation.steps == 5  # once per perturbed optimizer step, not per micro-batch
+
+
+def test_gausssam_one_pass_draws_one_noise_per_step_across_micro_batches():
+    nets = []
+    for accumulate, batch in ((4, 2), (1, 8)):
+        module = PlainClassifier()
+        sam = GaussSAM(rho=0.3, one_pass=True)
+        trainer(max_epochs=1, callbacks=[sam], accumulate_grad_batches=accumulate).fit(
+            module, loader(classification_data(), batch))
+        assert sam.perturbation.steps == 5
+        nets.append(module.net)
+    assert max_weight_difference(*nets) <= 1e-5

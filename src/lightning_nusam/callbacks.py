@@ -473,6 +473,7 @@ class SharpnessAwareCallback(Callback):
         if isinstance(loss, torch.Tensor) and not (plan.two_pass and self._stepped):
             self.step.record_loss(None, loss * self.step.accumulate_grad_batches)
         if not self._stepped:
+            self.step.end_micro_batch()
             return
         self._stepped = False
         first, second = self.step.losses()

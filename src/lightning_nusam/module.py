@@ -168,6 +168,7 @@ class SAMMixin(DrivesTheStep):
         with step.pass_context(trainer.strategy, self, name, last_micro_batch=last):
             loss, extras = self._forward_backward(step, name, batch, batch_idx)
         if not last:
+            step.end_micro_batch()
             return loss
         if plan.two_pass:
             self._second_pass(step)

@@ -179,15 +179,24 @@ class SharpnessAwareStep:
         return self._window.micro_batches if self._window is not None else []
 
     def begin_micro_batch(self, trainer: pl.Trainer, batch: Any, batch_idx: int) -> StepPlan:
-        """Open the step at its first micro-batch (plan it; a one-pass step applies ``ε`` now)
-        and keep the micro-batch when the second pass will replay it."""
-        if self._window is None:
+        """Open the step at its first micro-batch (plan it), keep the micro-batch when the second
+        pass will replay it, and on a one-pass step apply ``ε`` for this micro-batch's pass."""
+        opening = self._window is None
+        if opening:
             self._window = _Window(self.policy.plan_step(trainer))
-            if self._window.plan.perturb and self._window.plan.one_pass:
-                self.policy.perturbation.apply(self._window.plan.rho)
-        if self._window.plan.two_pass:
+        plan = self._window.plan
+        if plan.two_pass:
             self._window.micro_batches.append((batch, batch_idx))
-        return self._window.plan
+        if plan.perturb and plan.one_pass:
+            # applied per micro-batch and removed after it (end_micro_batch), so that nothing
+            # between two micro-batches (validation, a checkpoint) ever sees w + ε
+            self.policy.perturbation.apply(plan.rho, repeat=not opening)
+        return plan
+
+    def end_micro_batch(self) -> None:
+        """After a micro-batch that does not end the step: remove a one-pass ``ε``."""
+        if self.plan.one_pass:
+            self.policy.perturbation.restore()
 
     def finish(self, trainer: pl.Trainer, module: pl.LightningModule) -> StepPlan:
         """Close the step after the optimizer stepped (m-SAM re-synchronisation, bookkeeping)."""

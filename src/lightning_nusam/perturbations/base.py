@@ -128,12 +128,16 @@ class Perturbation(abc.ABC):
         self._estimate()
 
     @torch.no_grad()
-    def apply(self, rho: float | None = None) -> None:
+    def apply(self, rho: float | None = None, *, repeat: bool = False) -> None:
         """Add ``ε`` of radius ``rho`` (default :attr:`rho`) along the direction of the last
-        :meth:`estimate`, reading no gradient (the other half of :meth:`perturb`)."""
+        :meth:`estimate`, reading no gradient (the other half of :meth:`perturb`).
+
+        ``repeat=True`` adds the same ``ε`` as the last ``apply`` again (the next micro-batch of
+        the same step; GaussSAM then redraws the same noise) and does not count a new step.
+        """
         self._require_one_pass("apply")
         self._check_not_perturbed("apply")
-        self._apply_checked(rho)
+        self._apply_checked(rho, repeat)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -144,15 +148,16 @@ class Perturbation(abc.ABC):
         self._is_perturbed = False
         self._applied_rho = 0.0
 
-    def _apply_checked(self, rho: float | None) -> None:
+    def _apply_checked(self, rho: float | None, repeat: bool = False) -> None:
         radius = self.rho if rho is None else check_rho(rho)
         self._is_perturbed, self._applied_rho = True, radius
         try:
-            self._apply(radius)
+            self._apply(radius, repeat)
         except BaseException:
             self.restore()  # undo whatever part of ε was added before the error
             raise
-        self.steps += 1
+        if not repeat:
+            self.steps += 1
 
     def _check_not_perturbed(self, method: str) -> None:
         if self._is_perturbed:
@@ -220,8 +225,9 @@ class Perturbation(abc.ABC):
         """Read the gradients and keep what :meth:`_apply` needs (no weight changes)."""
 
     @abc.abstractmethod
-    def _apply(self, rho: float) -> None:
-        """Add ``ε`` of radius ``rho`` from what :meth:`_estimate` kept."""
+    def _apply(self, rho: float, repeat: bool) -> None:
+        """Add ``ε`` of radius ``rho`` from what :meth:`_estimate` kept (``repeat``: the same ``ε``
+        as the last time)."""
 
     @abc.abstractmethod
     def _restore(self) -> None: ...

@@ -106,11 +106,11 @@ class GaussianPerturbation(Perturbation):
         """The direction is random: only remember which parameters have a gradient."""
         self._estimated = [i for i, item in enumerate(self._selected) if dense_gradient(item) is not None]
 
-    def _apply(self, rho: float) -> None:
+    def _apply(self, rho: float, repeat: bool) -> None:
         indices = self._estimated
         if not indices:
             return
-        step_seed = self.seed * _STEP_STRIDE + self.steps
+        step_seed = self._applied_seed if repeat else self.seed * _STEP_STRIDE + self.steps
         sharding = self._sharding()
         squared = torch.zeros((), dtype=torch.float64)
         for i, _, noise in self._noise(step_seed, indices):

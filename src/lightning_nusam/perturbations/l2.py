@@ -151,7 +151,7 @@ class L2Perturbation(Perturbation):
         """ASAM's ``T = |w| + η`` of one parameter (this rank's rows)."""
         return local(self._selected[index].parameter.detach()).abs().add_(self.adaptive_eta)
 
-    def _apply(self, rho: float) -> None:
+    def _apply(self, rho: float, repeat: bool) -> None:
         indices = self._estimated
         if not indices:
             return

@@ -244,7 +244,7 @@ class NuclearPerturbation(Perturbation):
             self._store(estimate, finite, scale)
         self._skipped = self._skipped + (~finite).to(torch.int64)
 
-    def _apply(self, rho: float) -> None:
+    def _apply(self, rho: float, repeat: bool) -> None:  # ε depends only on (u, v, ρ)
         for group in self._groups:
             self._follow_device(group)
             for row in group.estimated_rows:
