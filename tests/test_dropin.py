@@ -144,3 +144,19 @@ def test_manual_optimization_without_the_mixin_is_refused():
 
     with pytest.raises(ValueError, match="manual optimization without the mixin"):
         trainer(max_steps=1, callbacks=[NuSAM(rho=0.1)]).fit(Manual(), loader(classification_data()))
+
+
+@pytest.mark.parametrize("update", ["second", "both"])
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_batchnorm_update_choices_equal_the_mixin(update, accumulate):
+    data = classification_data(n=48)
+    dropin = PlainClassifier(net=make_net(batchnorm=True))
+    trainer(max_steps=2, callbacks=[NuSAM(rho=0.5, batchnorm_update=update)],
+            accumulate_grad_batches=accumulate).fit(dropin, loader(data, 4))
+    mixin = Classifier(net=make_net(batchnorm=True), accumulate_grad_batches=accumulate)
+    trainer(max_steps=2, callbacks=[NuSAM(rho=0.5, batchnorm_update=update)]).fit(mixin, loader(data, 4))
+    micro_batches = 2 * accumulate
+    assert int(dropin.net[1].num_batches_tracked) == micro_batches * (2 if update == "both" else 1)
+    assert int(mixin.net[1].num_batches_tracked) == int(dropin.net[1].num_batches_tracked)
+    assert torch.allclose(dropin.net[1].running_mean, mixin.net[1].running_mean, atol=1e-6)
+    assert max_weight_difference(dropin.net, mixin.net) <= 1e-6
