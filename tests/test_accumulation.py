@@ -188,3 +188,13 @@ def test_resume_from_a_mid_window_checkpoint(tmp_path, path):
     assert all(torch.isfinite(p).all() for p in resumed.parameters())
     # the interrupted step used 2 micro-batches instead of 4: the runs differ, slightly
     assert 0 < max_weight_difference(resumed.net, uninterrupted.net) < 0.1
+
+
+def test_dropin_follows_a_gradient_accumulation_schedule():
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    module = PlainClassifier()
+    run = trainer(max_epochs=2, callbacks=[NuSAM(rho=0.3), GradientAccumulationScheduler({0: 1, 1: 3})])
+    run.fit(module, loader(classification_data(n=48), 4))  # 12 micro-batches per epoch
+    assert run.global_step == 12 + 4
+    assert module.loss_calls == 2 * 24

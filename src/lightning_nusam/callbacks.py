@@ -385,8 +385,9 @@ class SharpnessAwareCallback(Callback):
                              batch_idx: int) -> None:
         if not self._drop_in:
             return
+        # read at every micro-batch: GradientAccumulationScheduler changes it between epochs
+        self.step.accumulate_grad_batches = accumulate = trainer.accumulate_grad_batches
         plan = self.step.begin_micro_batch(trainer, batch, batch_idx)
-        accumulate = self.step.accumulate_grad_batches
         last = (batch_idx + 1) % accumulate == 0 or trainer.is_last_batch
         if plan.two_pass and not last:  # Lightning runs this micro-batch's first pass itself
             context = self.step.pass_context(trainer.strategy, pl_module, "first", last_micro_batch=False,
