@@ -23,6 +23,7 @@ MODULES = [
     "lightning_nusam.callbacks",
     "lightning_nusam.module",
     "lightning_nusam.step",
+    "lightning_nusam.dropin",
     "lightning_nusam.data",
     "lightning_nusam.models",
     "lightning_nusam.cli",

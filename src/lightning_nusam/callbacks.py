@@ -6,18 +6,13 @@ optimizer step (the *drop-in*); on a module that mixes in :class:`~lightning_nus
 the mixin runs it. Both use :mod:`lightning_nusam.step`; the callback decides, each step,
 whether it perturbs and with which radius (:meth:`SharpnessAwareCallback.plan_step`).
 
-The drop-in uses only Lightning's public extension points: callback hooks, ``Strategy.
-training_step``/``Strategy.backward`` for its own passes, and a ``torch.optim`` step pre-hook
-that hands the optimizer a closure running the first pass, ``perturb()``, the second pass
-(its last micro-batch through Lightning's own closure, so that ``on_before_optimizer_step``,
-gradient clipping and the returned loss are Lightning's) and ``restore()``.
+The drop-in's driver is :class:`lightning_nusam.dropin.DropIn`; these hooks hand over to it.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -27,6 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from lightning_nusam.dropin import DropIn
 from lightning_nusam.perturbations import (
     DEFAULT_NUCLEAR_EXCLUDE,
     GaussianPerturbation,
@@ -43,7 +39,6 @@ from lightning_nusam.step import (
     DrivesTheStep,
     SharpnessAwareStep,
     StepPlan,
-    log_step,
     optimizer_needs_closure,
     planned_optimizer_steps,
 )
@@ -160,11 +155,7 @@ class SharpnessAwareCallback(Callback):
         self._total_steps = math.inf
         self._first_step: int | None = None  # the first optimizer step after the start
         self._first_lr: float | None = None  # and its learning rate (rho_schedule="lr")
-        self._trainer: pl.Trainer | None = None
-        self._drop_in = False
-        self._hook_handle: Any = None
-        self._stepped = False
-        self._batch_contexts: list[Any] = []
+        self._drop_in: DropIn | None = None  # the driver, on an automatic-optimization module
         self.step = SharpnessAwareStep(self)
         self.resyncs = 0
 
@@ -195,17 +186,14 @@ class SharpnessAwareCallback(Callback):
         if stage != "fit":
             return
         name = type(self).__name__
-        self._trainer = trainer
         others = [cb for cb in trainer.callbacks if isinstance(cb, SharpnessAwareCallback)]
         if len(others) > 1:
             raise ValueError(
                 "more than one sharpness-aware callback on the Trainer "
                 f"({', '.join(type(cb).__name__ for cb in others)}): keep exactly one"
             )
-        self._drop_in = not isinstance(pl_module, DrivesTheStep)
-        if self._drop_in:
-            self._check_drop_in(trainer, pl_module)
-        elif pl_module.automatic_optimization:
+        self._drop_in = None if isinstance(pl_module, DrivesTheStep) else DropIn(self, trainer, pl_module)
+        if self._drop_in is None and pl_module.automatic_optimization:
             raise ValueError(
                 f"{name} with SAMMixin needs manual optimization, but {type(pl_module).__name__}"
                 ".automatic_optimization is True; SAMMixin sets it to False: do not set it back"
@@ -230,31 +218,6 @@ class SharpnessAwareCallback(Callback):
         """Whether this method can take one-pass steps (subclasses building such perturbations)."""
         return False
 
-    def _check_drop_in(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        name, module = type(self).__name__, type(pl_module).__name__
-        if not pl_module.automatic_optimization:
-            raise ValueError(
-                f"{name} drives the step of a module with automatic optimization (the drop-in), or "
-                f"of one that mixes in lightning_nusam.SAMMixin; {module} uses manual optimization "
-                f"without the mixin. Write `class {module}(SAMMixin, LightningModule)` with "
-                "compute_loss(batch, batch_idx), or return the loss from training_step and let "
-                "Lightning optimize"
-            )
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
-            raise ValueError(
-                f"{name} on a module without SAMMixin cannot use precision='16-mixed': Lightning runs "
-                "the closure before optimizer.step() there, so the second pass cannot be added "
-                "without patching Lightning. Use precision='bf16-mixed', or mix "
-                "lightning_nusam.SAMMixin into the module (compute_loss instead of training_step), "
-                "which supports 16-mixed"
-            )
-        if trainer.strategy.handles_gradient_accumulation:
-            raise ValueError(f"{name} cannot drive the step of {type(trainer.strategy).__name__}, which "
-                             "runs its own optimizer step; use DDP or ModelParallelStrategy")
-        if "dataloader_iter" in inspect.signature(pl_module.training_step).parameters:
-            raise ValueError(f"{name} replays batches and cannot drive a training_step that takes "
-                             "`dataloader_iter`; take (batch, batch_idx)")
-
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._perturbation = self.make_perturbation(pl_module)
         if self._pending_state is not None:
@@ -272,9 +235,9 @@ class SharpnessAwareCallback(Callback):
                 "(SGD, AdamW, ...)"
             )
         self.step = SharpnessAwareStep(self)
-        if self._drop_in:
+        if self._drop_in is not None:
             self.step.accumulate_grad_batches = trainer.accumulate_grad_batches
-            self._hook_handle = optimizer.register_step_pre_hook(self._before_optimizer_step)
+            self._drop_in.attach(optimizer)
         else:
             self.step.accumulate_grad_batches = pl_module.accumulate_grad_batches
 
@@ -381,121 +344,37 @@ class SharpnessAwareCallback(Callback):
         return True
 
     # ----------------------------------------------------------------------------- drop-in
+    # On an automatic-optimization module these hooks hand over to the DropIn driver; on a
+    # SAMMixin module the mixin runs the step and they do nothing.
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if not self._drop_in:
-            return
-        # read at every micro-batch: GradientAccumulationScheduler changes it between epochs
-        self.step.accumulate_grad_batches = accumulate = trainer.accumulate_grad_batches
-        plan = self.step.begin_micro_batch(trainer, batch, batch_idx)
-        last = (batch_idx + 1) % accumulate == 0 or trainer.is_last_batch
-        if plan.two_pass and not last:  # Lightning runs this micro-batch's first pass itself
-            context = self.step.pass_context(trainer.strategy, pl_module, "first", last_micro_batch=False,
-                                             manage_sync=False)
-            self._batch_contexts.append(context.__enter__())
-
-    def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: tuple,
-                               kwargs: dict) -> tuple[tuple, dict] | None:
-        """``torch.optim`` step pre-hook: on a two-pass step, hand the optimizer our closure."""
-        self._stepped = True
-        if not self.step.plan.two_pass:
-            return None
-        closure = kwargs.get("closure", args[0] if args else None)
-        if closure is None:
-            raise RuntimeError(
-                f"{type(self).__name__}: optimizer.step() was called without a closure, so the second "
-                "pass cannot run (a precision plugin that steps outside the closure, such as "
-                "16-mixed); mix lightning_nusam.SAMMixin into the module instead"
-            )
-
-        def sharpness_aware_closure() -> Any:
-            return self._two_passes(optimizer, closure)
-
-        if "closure" in kwargs or not args:
-            return args, {**kwargs, "closure": sharpness_aware_closure}
-        return (sharpness_aware_closure, *args[1:]), kwargs
-
-    def _two_passes(self, optimizer: torch.optim.Optimizer, lightning_closure: Callable[[], Any]) -> Any:
-        trainer = self._trainer
-        assert trainer is not None
-        module, strategy, step = trainer.lightning_module, trainer.strategy, self.step
-        batch, batch_idx = step.micro_batches[-1]
-        accumulate = step.accumulate_grad_batches
-        if len(step.micro_batches) == 1:  # the step starts here: clear the previous gradients
-            module.optimizer_zero_grad(trainer.current_epoch, batch_idx, optimizer)
-        with step.pass_context(strategy, module, "first", last_micro_batch=True):
-            loss = self._forward_backward(trainer, optimizer, batch, batch_idx, accumulate)
-        if loss is None:  # training_step skipped this batch: no perturbation
-            return lightning_closure()
-        step.record_loss("first", loss)
-        step.perturb()
-        try:
-            optimizer.zero_grad(set_to_none=True)
-            for replay_batch, replay_idx in step.micro_batches[:-1]:
-                with step.pass_context(strategy, module, "second", last_micro_batch=False):
-                    replay_loss = self._forward_backward(trainer, optimizer, replay_batch, replay_idx,
-                                                         accumulate)
-                if replay_loss is not None:
-                    step.record_loss("second", replay_loss)
-            with step.pass_context(strategy, module, "second", last_micro_batch=True, manage_sync=False):
-                result = lightning_closure()  # training_step, backward, hooks, clipping
-            if isinstance(result, torch.Tensor):
-                step.record_loss("second", result.detach() * accumulate)
-        finally:
-            step.restore()
-        return result
-
-    @staticmethod
-    def _forward_backward(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, batch: Any,
-                          batch_idx: int, accumulate: int) -> torch.Tensor | None:
-        """One pass of the user's ``training_step`` through the strategy (DDP forward, precision)."""
-        output = trainer.strategy.training_step(batch, batch_idx)
-        loss = output.get("loss") if isinstance(output, Mapping) else output
-        if loss is None:
-            return None
-        trainer.strategy.backward(loss / accumulate, optimizer)
-        return loss.detach()
+        if self._drop_in is not None:
+            self._drop_in.begin_micro_batch(trainer, pl_module, batch, batch_idx)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
-        """Drop-in, plain or one-pass step: remove ``ε`` and estimate the next direction from the
-        unclipped gradient (this hook runs before Lightning clips)."""
-        if self._drop_in and not self.step.plan.two_pass:
-            self.step.after_backward()
+        if self._drop_in is not None:
+            self._drop_in.before_clipping()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        if not self._drop_in:
-            return
-        while self._batch_contexts:
-            self._batch_contexts.pop().close()
-        plan = self.step.plan
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else None
-        if isinstance(loss, torch.Tensor) and not (plan.two_pass and self._stepped):
-            self.step.record_loss(None, loss * self.step.accumulate_grad_batches)
-        if not self._stepped:
-            self.step.end_micro_batch()
-            return
-        self._stepped = False
-        first, second = self.step.losses()
-        self.step.finish(trainer, pl_module)
-        log_step(pl_module, plan, self, first, second)
+        if self._drop_in is not None:
+            self._drop_in.end_micro_batch(trainer, pl_module, outputs)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._drop_in:
+        if self._drop_in is not None:
             self.step.abandon()  # a window the epoch ended without stepping (nothing to replay)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
-        while self._batch_contexts:
-            self._batch_contexts.pop().close()
+        if self._drop_in is not None:
+            self._drop_in.close_contexts()
         if self._perturbation is not None:
             self.step.abandon()  # never leave ε in the weights
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._hook_handle is not None:
-            self._hook_handle.remove()
-            self._hook_handle = None
+        if self._drop_in is not None and stage == "fit":
+            self._drop_in.detach()
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
