@@ -8,10 +8,19 @@ PY := $(VENV)/bin/python
 # make bench BENCH_ARGS=--full   (or --accumulation, --cheaper-steps, --device cuda --precision bf16 ...)
 BENCH_ARGS ?=
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	touch $@
+
+# everything (tests, docs, text models, benchmarks)
+$(VENV)/.installed: pyproject.toml $(VENV)/.created
 	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@ $(VENV)/.installed-demo
+
+# what the demo needs: the package and its demo extra
+$(VENV)/.installed-demo: pyproject.toml $(VENV)/.created
+	$(PY) -m pip install --quiet -e ".[demo]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -29,7 +38,7 @@ docs-check: install
 test: install lint docs-check
 	$(PY) -m pytest
 
-demo: install
+demo: $(VENV)/.installed-demo
 	$(PY) -m lightning_nusam.demo
 
 bench: install
