@@ -172,3 +172,27 @@ def test_bad_classifier_arguments_name_themselves(kwargs, argument):
     with pytest.raises(ValueError, match=f"`{argument}`"):
         ImageClassifier("timm.models.mlp_mixer.MlpMixer", img_size=8, patch_size=4,
                         model_kwargs={"num_blocks": 1, "embed_dim": 8}, **kwargs)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_classifier_schedule_spans_the_optimizer_steps_of_the_fit(tmp_path, accumulate):
+    """configure_optimizers runs before the Trainer has counted the batches: the warm-up/cosine
+    schedule must still get the real number of optimizer steps (the mixin's accumulation too)."""
+    import lightning as L
+
+    from lightning_helpers import write_fake_cifar
+
+    data = CIFARDataModule(npz_dir=str(write_fake_cifar(tmp_path, train=64, test=16)), batch_size=8,
+                           num_workers=0)
+    model = ImageClassifier("timm.models.mlp_mixer.MlpMixer", img_size=32, patch_size=8,
+                            model_kwargs={"num_blocks": 1, "embed_dim": 16}, warmup_fraction=0.25,
+                            accumulate_grad_batches=accumulate)
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(model, datamodule=data)
+    steps = 2 * 8 // accumulate  # 8 batches per epoch
+    assert trainer.global_step == steps
+    (config,) = trainer.lr_scheduler_configs
+    assert config.scheduler.last_epoch == steps
+    # the cosine ends at min_lr_ratio · lr = 0 exactly at the last planned step
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)

@@ -118,20 +118,25 @@ def frozen_running_stats(module: nn.Module) -> Iterator[None]:
 def planned_optimizer_steps(trainer: pl.Trainer, accumulate_grad_batches: int = 1) -> float:
     """Optimizer steps this fit will take, ``inf`` when unknown.
 
-    Lightning's ``estimated_stepping_batches`` with two differences: the accumulation is the
-    given one (the mixin accumulates under manual optimization, where the Trainer's is 1), and
-    an unknown total (an ``IterableDataset`` without ``max_steps``, ``max_time`` only) is
+    Lightning's ``estimated_stepping_batches`` (which loads the training data when it has not
+    yet, so it works inside ``configure_optimizers``) with two differences: the accumulation is
+    the given one (the mixin accumulates under manual optimization, where the Trainer's is 1),
+    and an unknown total (an ``IterableDataset`` without ``max_steps``, ``max_time`` only) is
     ``inf``, never ``max_steps = -1``.
     """
+    estimate = trainer.estimated_stepping_batches
+    if estimate == -1:
+        return math.inf
+    unlimited_epochs = trainer.max_epochs in (None, -1)  # then the estimate is max_steps (or inf)
+    if accumulate_grad_batches == trainer.accumulate_grad_batches or unlimited_epochs \
+            or not math.isfinite(estimate):
+        return estimate
     max_steps = trainer.max_steps if trainer.max_steps not in (None, -1) else math.inf
-    max_epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else None
-    if max_epochs is None:
-        return max_steps
-    batches = trainer.num_training_batches
+    batches = trainer.num_training_batches  # known now: estimated_stepping_batches loaded the data
     if not math.isfinite(batches):
         return max_steps
     per_epoch = math.ceil(batches / accumulate_grad_batches)
-    return min(per_epoch * max(max_epochs, 1), max_steps)
+    return min(per_epoch * max(trainer.max_epochs or 1, 1), max_steps)
 
 
 def optimizer_needs_closure(optimizer: torch.optim.Optimizer) -> bool:
