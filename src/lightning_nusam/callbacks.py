@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from lightning_nusam.checks import check_count, check_flag, check_fraction, check_rho
 from lightning_nusam.dropin import DropIn
 from lightning_nusam.perturbations import (
     DEFAULT_NUCLEAR_EXCLUDE,
@@ -32,7 +33,6 @@ from lightning_nusam.perturbations import (
     NuclearPerturbation,
     Perturbation,
 )
-from lightning_nusam.perturbations.base import check_rho, is_whole_number
 from lightning_nusam.perturbations.selection import as_patterns
 from lightning_nusam.step import (
     BatchNormUpdate,
@@ -51,24 +51,6 @@ DEFAULT_RESYNC_EVERY = 100
 
 #: Strategies that shard gradients: with gradient sync disabled they leave them empty (no m-SAM).
 _SHARDED_STRATEGIES = ("ModelParallelStrategy", "FSDPStrategy", "DeepSpeedStrategy")
-
-
-def _check_count(name: str, value: object, minimum: int) -> int:
-    if not is_whole_number(value) or value < minimum:  # type: ignore[operator]
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
-    return int(value)  # type: ignore[arg-type]
-
-
-def _check_fraction(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-        raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r}")
-    return float(value)
-
-
-def _check_flag(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"`{name}` must be True or False, got {value!r}")
-    return value
 
 
 class SharpnessAwareCallback(Callback):
@@ -121,10 +103,11 @@ class SharpnessAwareCallback(Callback):
         self.rho = check_rho(rho)
         if start_epoch is not None and start_fraction is not None:
             raise ValueError("pass either `start_epoch` or `start_fraction`, not both")
-        self.start_epoch = None if start_epoch is None else _check_count("start_epoch", start_epoch, 0)
-        self.start_fraction = None if start_fraction is None else _check_fraction("start_fraction",
-                                                                                  start_fraction)
-        self.every_n_steps = _check_count("every_n_steps", every_n_steps, 1)
+        self.start_epoch = (None if start_epoch is None
+                            else check_count("start_epoch", start_epoch, 0, whole_floats=True))
+        self.start_fraction = (None if start_fraction is None
+                               else check_fraction("start_fraction", start_fraction))
+        self.every_n_steps = check_count("every_n_steps", every_n_steps, 1, whole_floats=True)
         if rho_schedule not in ("constant", "linear", "cosine", "lr"):
             raise ValueError(
                 f"`rho_schedule` must be 'constant', 'linear', 'cosine' or 'lr', got {rho_schedule!r}"
@@ -134,9 +117,9 @@ class SharpnessAwareCallback(Callback):
                              f"{rho_schedule!r}")
         self.rho_schedule = rho_schedule
         self.rho_final = 0.0 if rho_final is None else check_rho(rho_final)
-        self.one_pass = _check_flag("one_pass", one_pass)
-        self.sync_first_pass = _check_flag("sync_first_pass", sync_first_pass)
-        self.resync_every = _check_count("resync_every", resync_every, 0)
+        self.one_pass = check_flag("one_pass", one_pass)
+        self.sync_first_pass = check_flag("sync_first_pass", sync_first_pass)
+        self.resync_every = check_count("resync_every", resync_every, 0, whole_floats=True)
         if batchnorm_update not in ("first", "second", "both"):
             raise ValueError(
                 f"`batchnorm_update` must be 'first', 'second' or 'both', got {batchnorm_update!r}"
@@ -479,11 +462,11 @@ class NuSAM(SharpnessAwareCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(rho, **kwargs)
-        self.power_iterations = _check_count("power_iterations", power_iterations, 1)
+        self.power_iterations = check_count("power_iterations", power_iterations, 1, whole_floats=True)
         self.include = None if include is None else list(as_patterns("include", include))
         self.exclude = list(as_patterns("exclude", exclude))
-        self.include_conv = _check_flag("include_conv", include_conv)
-        self.include_embeddings = _check_flag("include_embeddings", include_embeddings)
+        self.include_conv = check_flag("include_conv", include_conv)
+        self.include_embeddings = check_flag("include_embeddings", include_embeddings)
         if batched not in (True, False, "auto"):
             raise ValueError(f"`batched` must be True, False or 'auto', got {batched!r}")
         self.batched = batched
@@ -551,7 +534,7 @@ class SAM(SharpnessAwareCallback):
         super().__init__(rho, **kwargs)
         self.include = None if include is None else list(as_patterns("include", include))
         self.exclude = list(as_patterns("exclude", exclude))
-        self.adaptive = _check_flag("adaptive", adaptive)
+        self.adaptive = check_flag("adaptive", adaptive)
         if isinstance(adaptive_eta, bool) or not isinstance(adaptive_eta, int | float) \
                 or not adaptive_eta >= 0:
             raise ValueError(f"`adaptive_eta` must be a number >= 0, got {adaptive_eta!r}")

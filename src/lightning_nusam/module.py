@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_nusam.callbacks import SharpnessAwareCallback
-from lightning_nusam.perturbations.base import is_whole_number
+from lightning_nusam.checks import check_count
 from lightning_nusam.step import (
     PLAIN_STEP,
     DrivesTheStep,
@@ -117,13 +117,10 @@ class SAMMixin(DrivesTheStep):
             raise ValueError(
                 f"`gradient_clip_algorithm` must be 'norm' or 'value', got {gradient_clip_algorithm!r}"
             )
-        if not is_whole_number(accumulate_grad_batches) or accumulate_grad_batches < 1:
-            raise ValueError(
-                f"`accumulate_grad_batches` must be an integer >= 1, got {accumulate_grad_batches!r}"
-            )
         self.gradient_clip_val = gradient_clip_val
         self.gradient_clip_algorithm = gradient_clip_algorithm
-        self.accumulate_grad_batches = int(accumulate_grad_batches)
+        self.accumulate_grad_batches = check_count("accumulate_grad_batches", accumulate_grad_batches, 1,
+                                                   whole_floats=True)
         self.automatic_optimization = False
         self._plateau_monitors: dict[int, tuple[str | None, bool]] = {}
         self._plain_step: SharpnessAwareStep | None = None

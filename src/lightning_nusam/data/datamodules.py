@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from lightning_nusam.checks import check_count
 from lightning_nusam.data.label_noise import NoisyLabels, symmetric_label_noise
 from lightning_nusam.data.resumable import ResumableDataLoader
 
@@ -72,8 +73,7 @@ class _ImageDataModule(pl.LightningDataModule):
         label_noise_seed: int = 0,
     ) -> None:
         super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}")
+        check_count("batch_size", batch_size, 1)
         if isinstance(label_noise, bool) or not isinstance(label_noise, int | float) \
                 or not 0 <= label_noise < 1:
             raise ValueError(f"`label_noise` must be a fraction in [0, 1), got {label_noise!r}")
@@ -271,9 +271,8 @@ class CIFARDataModule(_ImageDataModule):
         self.augment, self.auto_augment, self.resize = augment, auto_augment, resize
         for name, value, minimum in (("val_size", val_size, 0), ("subset", subset, 1),
                                      ("eval_subset", eval_subset, 1), ("num_workers", num_workers, 0)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < minimum):
-                raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
+            if value is not None:
+                check_count(name, value, minimum)
         self.val_size, self.subset, self.eval_subset = val_size, subset, eval_subset
         self.split_seed = split_seed
 

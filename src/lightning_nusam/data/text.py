@@ -29,6 +29,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_nusam.checks import check_count
 from lightning_nusam.data.resumable import ResumableDataLoader
 
 
@@ -185,10 +186,8 @@ class TextClassificationDataModule(pl.LightningDataModule):
         if task is None and train_file is None:
             raise ValueError("pass `task` with `data_dir` (a GLUE task), or `train_file` with `text_columns` "
                              "and `label_column`")
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 8:
-            raise ValueError(f"`max_length` must be an integer >= 8, got {max_length!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}")
+        check_count("max_length", max_length, 8)
+        check_count("batch_size", batch_size, 1)
         self.tokenizer_path = tokenizer
         self.task = task
         self.glue = GLUE_TASKS[task] if task is not None else None

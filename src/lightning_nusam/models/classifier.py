@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from timm.optim import create_optimizer_v2
 from torch import nn
 
+from lightning_nusam.checks import check_count
 from lightning_nusam.module import SAMMixin
 
 
@@ -126,8 +127,7 @@ class ImageClassifier(SAMMixin, pl.LightningModule):
             raise ValueError(f"`warmup_fraction` must be in [0, 1), got {warmup_fraction}")
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"`label_smoothing` must be in [0, 1), got {label_smoothing}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"`num_classes` must be an integer >= 2, got {num_classes!r}")
+        check_count("num_classes", num_classes, 2)
         if not lr > 0:
             raise ValueError(f"`lr` must be > 0, got {lr!r}")
         if not weight_decay >= 0:

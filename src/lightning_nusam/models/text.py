@@ -25,6 +25,7 @@ import torchmetrics
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from lightning_nusam.checks import check_count
 from lightning_nusam.data.text import GLUE_TASKS
 from lightning_nusam.models.classifier import warmup_cosine_schedule
 from lightning_nusam.module import SAMMixin
@@ -100,8 +101,7 @@ class TextClassifier(SAMMixin, pl.LightningModule):
         glue = GLUE_TASKS[task] if task else None
         num_labels = num_labels if num_labels is not None else (glue.num_labels if glue else 2)
         metric = metric or (glue.metric if glue else ("pearson" if num_labels == 1 else "accuracy"))
-        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
-            raise ValueError(f"`num_labels` must be an integer >= 1, got {num_labels!r}")
+        check_count("num_labels", num_labels, 1)
         if metric not in ("accuracy", "mcc", "f1", "pearson"):
             raise ValueError(f"`metric` must be 'accuracy', 'mcc', 'f1' or 'pearson', got {metric!r}")
         if (metric == "pearson") != (num_labels == 1):

@@ -19,28 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_nusam.checks import check_rho
 from lightning_nusam.perturbations.selection import SelectedParameter
 from lightning_nusam.perturbations.sharding import RowSharding, all_reduce_sum, local, row_sharding
 
 #: τ of Algorithm 2: keeps the normalisations finite for a zero gradient.
 DEFAULT_TAU = 1e-12
-
-
-def is_whole_number(value: object) -> bool:
-    """An ``int`` (not a ``bool``) or an integral finite ``float``: what a count may be given as."""
-    if isinstance(value, bool):
-        return False
-    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-
-
-def check_rho(rho: float) -> float:
-    """``rho`` as a float, or a ``ValueError`` naming it (negative, NaN, infinite, a bool, a string)."""
-    if isinstance(rho, bool) or not isinstance(rho, int | float):
-        raise ValueError(f"`rho` must be a finite number >= 0 (the perturbation radius), got {rho!r}")
-    rho = float(rho)
-    if not rho >= 0.0 or rho == float("inf"):  # also rejects NaN
-        raise ValueError(f"`rho` must be a finite number >= 0 (the perturbation radius), got {rho}")
-    return rho
 
 
 class Perturbation(abc.ABC):

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from lightning_nusam.checks import check_flag
 from lightning_nusam.perturbations.base import DEFAULT_TAU, Perturbation
 from lightning_nusam.perturbations.selection import (
     SelectedParameter,
@@ -115,8 +116,7 @@ class L2Perturbation(Perturbation):
             raise nothing_to_perturb(model, f"{type(self).__name__} selected no parameters")
         if not tau >= 0:
             raise ValueError(f"`tau` must be >= 0, got {tau}")
-        if not isinstance(adaptive, bool):
-            raise ValueError(f"`adaptive` must be True or False, got {adaptive!r}")
+        check_flag("adaptive", adaptive)
         if not adaptive_eta >= 0:
             raise ValueError(f"`adaptive_eta` must be >= 0, got {adaptive_eta!r}")
         super().__init__(model, rho, selected)

@@ -22,7 +22,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lightning_nusam.perturbations.base import DEFAULT_TAU, Perturbation, is_whole_number
+from lightning_nusam.checks import check_count
+from lightning_nusam.perturbations.base import DEFAULT_TAU, Perturbation
 from lightning_nusam.perturbations.exact import (
     LOW_PRECISION_DTYPES,
     RoundingExceptions,
@@ -156,10 +157,8 @@ class NuclearPerturbation(Perturbation):
         seed: int = 0,
         exact_restore: bool | None = None,
     ) -> None:
-        if not is_whole_number(power_iterations) or power_iterations < 1:
-            raise ValueError(
-                f"`power_iterations` must be an integer >= 1 (T of Algorithm 2), got {power_iterations!r}"
-            )
+        power_iterations = check_count("power_iterations", power_iterations, 1, whole_floats=True,
+                                       meaning="T of Algorithm 2")
         if exact_restore not in (None, True, False):
             raise ValueError(f"`exact_restore` must be None, True or False, got {exact_restore!r}")
         if not tau > 0:
@@ -180,7 +179,7 @@ class NuclearPerturbation(Perturbation):
                 "νSAM perturbs 2-D weight matrices (pass `include_conv=True` for convolution kernels)",
             )
         super().__init__(model, rho, selected)
-        self.power_iterations = int(power_iterations)
+        self.power_iterations = power_iterations
         if batched not in (True, False, "auto"):
             raise ValueError(f"`batched` must be True, False or 'auto', got {batched!r}")
         self.batched = batched
