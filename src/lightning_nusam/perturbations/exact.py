@@ -16,13 +16,27 @@ each rounded once, on both sides, so the subtraction that ``restore`` performs i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from lightning_nusam.perturbations.selection import SelectedParameter
+
 #: Weight dtypes whose ``w + ε − ε`` rounds visibly (8- and 11-bit significands).
 LOW_PRECISION_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def resolve_exact_restore(exact_restore: bool | None, selected: Iterable[SelectedParameter]) -> bool:
+    """Whether a perturbation restores exactly: as asked (``True``/``False``), or by default
+    (``None``) when every selected weight is bf16/fp16, where a subtraction visibly rounds."""
+    if exact_restore not in (None, True, False):
+        raise ValueError(f"`exact_restore` must be None, True or False, got {exact_restore!r}")
+    if exact_restore is not None:
+        return exact_restore
+    return {item.parameter.dtype for item in selected} <= set(LOW_PRECISION_DTYPES)
 
 
 @dataclass

@@ -21,10 +21,10 @@ from torch import nn
 
 from lightning_nusam.perturbations.base import Perturbation
 from lightning_nusam.perturbations.exact import (
-    LOW_PRECISION_DTYPES,
     RoundingExceptions,
     add_removably,
     remove_exactly,
+    resolve_exact_restore,
 )
 from lightning_nusam.perturbations.selection import dense_gradient, nothing_to_perturb, select_all
 from lightning_nusam.perturbations.sharding import all_reduce_sum, local
@@ -65,14 +65,10 @@ class GaussianPerturbation(Perturbation):
         selected = select_all(model, include=include, exclude=exclude)
         if not selected:
             raise nothing_to_perturb(model, "GaussianPerturbation selected no parameters")
-        if exact_restore not in (None, True, False):
-            raise ValueError(f"`exact_restore` must be None, True or False, got {exact_restore!r}")
+        exact = resolve_exact_restore(exact_restore, selected)
         super().__init__(model, rho, selected)
+        self.exact_restore = exact
         self.seed = int(seed)
-        dtypes = {item.parameter.dtype for item in selected}
-        self.exact_restore = bool(exact_restore) or (
-            exact_restore is None and dtypes <= set(LOW_PRECISION_DTYPES)
-        )
         self._estimated: list[int] = []
         self._exceptions: dict[int, RoundingExceptions] = {}
         # Row-sharded parameters (``self._shardings``) draw their local rows from a rank-specific

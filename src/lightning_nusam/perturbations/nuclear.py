@@ -29,6 +29,7 @@ from lightning_nusam.perturbations.exact import (
     RoundingExceptions,
     add_removably,
     remove_exactly,
+    resolve_exact_restore,
 )
 from lightning_nusam.perturbations.power_iteration import batched_power_iteration, looped_power_iteration
 from lightning_nusam.perturbations.selection import (
@@ -159,8 +160,6 @@ class NuclearPerturbation(Perturbation):
     ) -> None:
         power_iterations = check_count("power_iterations", power_iterations, 1, whole_floats=True,
                                        meaning="T of Algorithm 2")
-        if exact_restore not in (None, True, False):
-            raise ValueError(f"`exact_restore` must be None, True or False, got {exact_restore!r}")
         if not tau > 0:
             raise ValueError(f"`tau` must be > 0 (it keeps Algorithm 2 finite), got {tau}")
         if max_stack_numel < 1:
@@ -178,7 +177,9 @@ class NuclearPerturbation(Perturbation):
                 model,
                 "νSAM perturbs 2-D weight matrices (pass `include_conv=True` for convolution kernels)",
             )
+        exact = resolve_exact_restore(exact_restore, selected)
         super().__init__(model, rho, selected)
+        self.exact_restore = exact
         self.power_iterations = power_iterations
         if batched not in (True, False, "auto"):
             raise ValueError(f"`batched` must be True, False or 'auto', got {batched!r}")
@@ -187,11 +188,6 @@ class NuclearPerturbation(Perturbation):
         self.tau = float(tau)
         self._groups = self._build_groups(selected, self._shardings, seed)
         self._skipped: torch.Tensor | int = 0
-        self.exact_restore_mode = exact_restore
-        dtypes = {item.parameter.dtype for item in selected}
-        self.exact_restore = bool(exact_restore) or (
-            exact_restore is None and dtypes <= set(LOW_PRECISION_DTYPES)
-        )
 
     supports_one_pass = True
 
