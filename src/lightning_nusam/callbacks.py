@@ -187,19 +187,15 @@ class SharpnessAwareCallback(Callback):
                 f"`sync_first_pass=False` (m-SAM) is not possible under {strategy}: with gradient sync "
                 "disabled a sharded strategy leaves the gradients empty; use DDP for m-SAM"
             )
-        if self.one_pass and not self.perturbation_class_supports_one_pass():
+        # Built here so that a model with nothing to perturb fails before training starts;
+        # rebuilt in on_fit_start, once the strategy has moved (or sharded) the parameters.
+        self._perturbation = self.make_perturbation(pl_module)
+        if self.one_pass and not self._perturbation.supports_one_pass:
             raise ValueError(
                 f"`one_pass=True` is not available for {name}: its direction is the whole gradient, "
                 "which would have to be kept between steps (a copy of the weights); use NuSAM, "
                 "NuSAMNorm or GaussSAM with one_pass"
             )
-        # Built here so that a model with nothing to perturb fails before training starts;
-        # rebuilt in on_fit_start, once the strategy has moved (or sharded) the parameters.
-        self._perturbation = self.make_perturbation(pl_module)
-
-    def perturbation_class_supports_one_pass(self) -> bool:
-        """Whether this method can take one-pass steps (subclasses building such perturbations)."""
-        return False
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._perturbation = self.make_perturbation(pl_module)
@@ -472,9 +468,6 @@ class NuSAM(SharpnessAwareCallback):
         self.batched = batched
         self.seed = seed
 
-    def perturbation_class_supports_one_pass(self) -> bool:
-        return self.perturbation_class.supports_one_pass
-
     def make_perturbation(self, module: nn.Module) -> Perturbation:
         return self.perturbation_class(
             module,
@@ -583,9 +576,6 @@ class GaussSAM(SharpnessAwareCallback):
     def __init__(self, rho: float = 0.05, *, seed: int = 0, **kwargs: Any) -> None:
         super().__init__(rho, **kwargs)
         self.seed = seed
-
-    def perturbation_class_supports_one_pass(self) -> bool:
-        return GaussianPerturbation.supports_one_pass
 
     def make_perturbation(self, module: nn.Module) -> Perturbation:
         return GaussianPerturbation(module, rho=self.rho, seed=self.seed)
