@@ -94,7 +94,7 @@ def as_patterns(argument: str, patterns: Sequence[str] | str) -> tuple[str, ...]
 
 def _sparse_gradient(item: SelectedParameter) -> bool:
     """Parameters of embeddings built with ``sparse=True`` get sparse gradients: not perturbed."""
-    if isinstance(item.module, nn.Embedding | nn.EmbeddingBag) and item.module.sparse:
+    if isinstance(item.module, EMBEDDING_TYPES) and item.module.sparse:
         warnings.warn(
             f"parameter {item.name!r} gets sparse gradients (sparse=True embedding) and is not "
             "perturbed; build the embedding with sparse=False to perturb it",
