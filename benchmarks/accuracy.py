@@ -260,18 +260,11 @@ def train(run: Run, data_dir: str, accelerator: str, max_epochs: int | None) -> 
 def memorisation(model, data) -> dict[str, float]:
     """Accuracy on the training images (no augmentation): on the clean part, and on the noisy
     part against the labels trained on (memorised noise) and against the true labels."""
-    import torch
+    from lightning_nusam.data import measure_noise_fit
 
-    model.eval()
-    with torch.no_grad():
-        predictions = torch.cat([model(images.to(model.device)).argmax(1).cpu()
-                                 for images, _ in data.train_eval_dataloader()])
-    noisy = data.noisy_labels
-    return {
-        "train_acc_clean": float((predictions == noisy.labels)[~noisy.flipped].float().mean()),
-        "train_acc_noisy_memorised": float((predictions == noisy.labels)[noisy.flipped].float().mean()),
-        "train_acc_noisy_true": float((predictions == noisy.clean)[noisy.flipped].float().mean()),
-    }
+    fit = measure_noise_fit(model, data.train_eval_dataloader(), data.noisy_labels)
+    return {"train_acc_clean": fit.clean, "train_acc_noisy_memorised": fit.memorised,
+            "train_acc_noisy_true": fit.true}
 
 
 # ---------------------------------------------------------------------------------- report

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_helpers import write_fake_cifar
-from lightning_nusam.data import CIFARDataModule, DigitsDataModule, symmetric_label_noise
+from lightning_nusam.data import CIFARDataModule, DigitsDataModule, measure_noise_fit, symmetric_label_noise
 
 
 def test_noise_flips_the_exact_fraction_to_other_classes_uniformly():
@@ -100,3 +100,37 @@ def test_bad_npz_contents_are_reported_with_the_file(tmp_path, images, labels, p
 def test_bad_cifar_datamodule_arguments_name_themselves(kwargs, argument):
     with pytest.raises(ValueError, match=f"`{argument}`"):
         CIFARDataModule(npz_dir="unused", **kwargs)
+
+
+class _LookupClassifier(torch.nn.Module):
+    """Predicts a fixed class per example index (the inputs are the indices), in eval mode only."""
+
+    def __init__(self, classes: torch.Tensor, num_classes: int) -> None:
+        super().__init__()
+        self.register_buffer("logits", torch.nn.functional.one_hot(classes, num_classes).float())
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        assert not self.training, "the training set must be classified in eval mode"
+        return self.logits[indices] * self.scale
+
+
+@pytest.mark.parametrize("predict", ["noisy", "clean", "half"])
+def test_measure_noise_fit_counts_against_a_direct_comparison(predict):
+    labels = torch.arange(60) % 6
+    noisy = symmetric_label_noise(labels, 0.4, 6, seed=3)
+    flipped = noisy.flipped.nonzero().squeeze(1)
+    predictions = {"noisy": noisy.labels, "clean": noisy.clean,
+                   "half": torch.where(torch.arange(60) % 2 == 0, noisy.labels, noisy.clean)}[predict]
+    model = _LookupClassifier(predictions, 6).train()
+    loader = [(torch.arange(60)[start:start + 8], None) for start in range(0, 60, 8)]  # in order
+    fit = measure_noise_fit(model, loader, noisy)
+    assert model.training  # left in the mode it was in
+    kept = (~noisy.flipped).nonzero().squeeze(1)
+    assert fit.clean == pytest.approx(sum(int(predictions[i] == noisy.labels[i]) for i in kept) / len(kept))
+    assert fit.memorised == pytest.approx(
+        sum(int(predictions[i] == noisy.labels[i]) for i in flipped) / len(flipped))
+    assert fit.true == pytest.approx(sum(int(predictions[i] == labels[i]) for i in flipped) / len(flipped))
+    expected = {"noisy": (1.0, 1.0, 0.0), "clean": (1.0, 0.0, 1.0)}.get(predict)
+    if expected is not None:
+        assert (fit.clean, fit.memorised, fit.true) == expected

@@ -26,11 +26,11 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_nusam.callbacks import SharpnessAwareCallback
 from lightning_nusam.cli import cli_main
+from lightning_nusam.data import measure_noise_fit
 
 
 class StepTimer(Callback):
@@ -196,13 +196,10 @@ def noisy_run(config: str, with_sam: bool) -> dict:
     trainer.callbacks.append(history)
     trainer.fit(model, datamodule=data)
     test = trainer.test(model, datamodule=data, verbose=False)[0]
-    model.eval()
-    with torch.no_grad():
-        predictions = torch.cat([model(images).argmax(1) for images, _ in data.train_eval_dataloader()])
     noisy = data.noisy_labels
     return {
         "test_acc1": test["test/acc1"],
-        "memorised": float((predictions == noisy.labels)[noisy.flipped].float().mean()),
+        "memorised": measure_noise_fit(model, data.train_eval_dataloader(), noisy).memorised,
         "history": history.accuracy,
         "noise": noisy.fraction,
         "rho": sam.rho,

@@ -8,7 +8,7 @@ from lightning_nusam.data.datamodules import (
     ImageArrayDataset,
     load_npz,
 )
-from lightning_nusam.data.label_noise import NoisyLabels, symmetric_label_noise
+from lightning_nusam.data.label_noise import NoiseFit, NoisyLabels, measure_noise_fit, symmetric_label_noise
 from lightning_nusam.data.resumable import ResumableDataLoader, ResumableSampler
 from lightning_nusam.data.text import GLUE_TASKS, GlueTask, TextClassificationDataModule
 
@@ -19,10 +19,12 @@ __all__ = [
     "DigitsDataModule",
     "GlueTask",
     "ImageArrayDataset",
+    "NoiseFit",
     "NoisyLabels",
     "ResumableDataLoader",
     "ResumableSampler",
     "TextClassificationDataModule",
     "load_npz",
+    "measure_noise_fit",
     "symmetric_label_noise",
 ]

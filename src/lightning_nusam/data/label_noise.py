@@ -7,9 +7,12 @@ The choice depends only on the seed, never on the global RNG; evaluation labels 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,45 @@ class NoisyLabels:
     @property
     def fraction(self) -> float:
         return float(self.flipped.float().mean()) if len(self.flipped) else 0.0
+
+    def fit(self, predictions: torch.Tensor) -> NoiseFit:
+        """How much of this training set the predicted classes (one per example, in order) fit."""
+        trained_on = predictions == self.labels
+        return NoiseFit(
+            clean=float(trained_on[~self.flipped].float().mean()),
+            memorised=float(trained_on[self.flipped].float().mean()),
+            true=float((predictions == self.clean)[self.flipped].float().mean()),
+        )
+
+
+@dataclass(frozen=True)
+class NoiseFit:
+    """Accuracies (in [0, 1]) of a model on a training set with label noise.
+
+    Attributes:
+        clean: on the examples whose label was kept.
+        memorised: on the flipped examples, against the wrong labels trained on (memorised noise).
+        true: on the flipped examples, against their true labels.
+    """
+
+    clean: float
+    memorised: float
+    true: float
+
+
+@torch.no_grad()
+def measure_noise_fit(model: nn.Module, loader: Iterable[Any], noisy: NoisyLabels) -> NoiseFit:
+    """Classify the training examples of ``loader`` (``(inputs, label)`` batches in the order of
+    ``noisy``, without augmentation, e.g. ``datamodule.train_eval_dataloader()``) and measure
+    :class:`NoiseFit`. The model is evaluated in eval mode and left in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        predictions = torch.cat([model(inputs.to(device)).argmax(1).cpu() for inputs, _ in loader])
+    finally:
+        model.train(was_training)
+    return noisy.fit(predictions)
 
 
 def symmetric_label_noise(
