@@ -143,7 +143,14 @@ def resumable_fit(module_class, sam, folder: Path, ckpt_path: str | None = None,
 
 
 def same_weights(a: nn.Module, b: nn.Module) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+    return max_weight_difference(a, b) == 0.0
+
+
+def max_weight_difference(a: nn.Module, b: nn.Module) -> float:
+    """The largest ``|a − b|`` over the parameters of two modules of one architecture."""
+    with torch.no_grad():
+        return max(float((x.float() - y.float()).abs().max())
+                   for x, y in zip(a.parameters(), b.parameters(), strict=True))
 
 
 def trainer(**kwargs) -> L.Trainer:
