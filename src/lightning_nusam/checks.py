@@ -61,3 +61,35 @@ def check_rho(rho: float) -> float:
     if not rho >= 0.0 or rho == float("inf"):  # also rejects NaN
         raise ValueError(f"`rho` must be a finite number >= 0 (the perturbation radius), got {rho}")
     return rho
+
+
+def check_choice(name: str, value: object, choices: tuple[object, ...]) -> object:
+    """``value`` if it is one of ``choices`` (compared with its type: ``1`` is not ``True``)."""
+    if not any(type(value) is type(choice) and value == choice for choice in choices):
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def check_positive(name: str, value: object, *, allow_zero: bool = False) -> float:
+    """``value`` as a finite ``float`` > 0 (≥ 0 with ``allow_zero``); not a ``bool``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value \
+            or value == float("inf") or not (value >= 0 if allow_zero else value > 0):
+        raise ValueError(f"`{name}` must be a finite number {'>=' if allow_zero else '>'} 0, got {value!r}")
+    return float(value)
+
+
+def check_integer(name: str, value: object) -> int:
+    """``value`` if it is an ``int`` (a seed, say), not a ``bool``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"`{name}` must be an integer, got {value!r}")
+    return value
+
+
+def check_types(name: str, value: object) -> tuple[type, ...]:
+    """A sequence of classes (module types) as a tuple."""
+    if isinstance(value, type):
+        value = (value,)
+    if isinstance(value, str) or not hasattr(value, "__iter__") \
+            or not all(isinstance(v, type) for v in value):
+        raise ValueError(f"`{name}` must be a list of classes, got {value!r}")
+    return tuple(value)

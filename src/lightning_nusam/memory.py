@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import timm
 import torch
 
 from lightning_nusam.perturbations import NuclearPerturbation
+from lightning_nusam.perturbations.selection import CONV_LAYER_TYPES, EMBEDDING_TYPES, owned_parameters
+
+#: How many of the largest parameters left out the report names.
+LEFT_OUT_SHOWN = 10
 
 #: Numbers each optimizer keeps per weight besides the weight and its gradient.
 OPTIMIZER_STATE_PER_WEIGHT = {"SGD": 0, "SGD+momentum": 1, "AdamW": 2}
@@ -32,6 +37,10 @@ class MemoryReport:
     sam_perturbation: int
     nusam_perturbation: int
     perturbed_matrices: int
+    #: (name, shape) of every matrix νSAM perturbs, in model order
+    counted: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
+    #: (name, shape, what would include it) of the weights νSAM leaves out, largest first
+    left_out: list[tuple[str, tuple[int, ...], str]] = field(default_factory=list)
 
     @property
     def perturbation_saving(self) -> float:
@@ -69,8 +78,23 @@ def transformers_memory_report(config: str, num_labels: int = 2) -> MemoryReport
 
 def count(name: str, model: torch.nn.Module) -> MemoryReport:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    nusam = NuclearPerturbation(model, rho=0.0)
-    return MemoryReport(name, trainable, trainable, nusam.held_numel(), len(nusam.parameter_names))
+    with warnings.catch_warnings():  # the report lists what is left out itself
+        warnings.simplefilter("ignore", UserWarning)
+        nusam = NuclearPerturbation(model, rho=0.0)
+    counted_names = set(nusam.parameter_names)
+    counted, left_out = [], []
+    for item in owned_parameters(model):
+        shape = tuple(item.parameter.shape)
+        if item.name in counted_names:
+            counted.append((item.name, shape))
+        elif isinstance(item.module, CONV_LAYER_TYPES) and item.parameter.dim() > 2:
+            left_out.append((item.name, shape, "include_conv=True"))
+        elif isinstance(item.module, EMBEDDING_TYPES):
+            left_out.append((item.name, shape, "include_embeddings=True"))
+        elif item.parameter.dim() >= 2:
+            left_out.append((item.name, shape, "excluded by name (exclude=...)"))
+    left_out.sort(key=lambda entry: -torch.Size(entry[1]).numel())
+    return MemoryReport(name, trainable, trainable, nusam.held_numel(), len(counted), counted, left_out)
 
 
 def format_report(report: MemoryReport, bytes_per_number: int = 4) -> str:
@@ -101,7 +125,18 @@ def format_report(report: MemoryReport, bytes_per_number: int = 4) -> str:
             f"{state['nusam'] * bytes_per_number / 2**20:,.1f} MiB | {100 * state['saving']:.1f} % |"
         )
     lines += ["", "SGD keeps weights and gradients; SAM adds a third copy, which νSAM removes "
-              "(close to 1/3 of the training state)."]
+              "(close to 1/3 of the training state).", "",
+              f"νSAM perturbs these {report.perturbed_matrices} matrices (u and v of each):", ""]
+    lines += [f"- {name} {shape}" for name, shape in report.counted]
+    if report.left_out:
+        left_numel = sum(torch.Size(shape).numel() for _, shape, _ in report.left_out)
+        lines += ["", f"not perturbed: {len(report.left_out)} multi-dimensional weights "
+                  f"({left_numel:,} numbers, {100 * left_numel / report.parameters:.1f} % of the "
+                  "parameters), "
+                  "largest first:", ""]
+        lines += [f"- {name} {shape}: {hint}" for name, shape, hint in report.left_out[:LEFT_OUT_SHOWN]]
+        if len(report.left_out) > LEFT_OUT_SHOWN:
+            lines.append(f"- ... and {len(report.left_out) - LEFT_OUT_SHOWN} more")
     return "\n".join(lines)
 
 

@@ -8,54 +8,133 @@ in place (:meth:`Perturbation.perturb`), and later removes exactly that ``ε`` i
 :meth:`~Perturbation.estimate` reads the gradients and keeps the direction of ``ε`` (νSAM: the
 singular vectors), and :meth:`~Perturbation.apply` adds ``ε`` of a given radius from that
 direction, without reading any gradient.
+
+A perturbation follows the model it was built on: parameters that start or stop training are
+perturbed or skipped at each step, and when the model's parameters change (a replaced layer,
+``load_state_dict(assign=True)``, a cast to bf16, a move to another device) the selection is
+taken again before the next ``perturb()``. While ``ε`` is applied, ``model.state_dict()`` (and so
+every checkpoint, from any hook or signal handler) holds the weights without it.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Mapping
-from typing import Any
+import inspect
+import warnings
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from lightning_nusam.checks import check_rho
-from lightning_nusam.perturbations.selection import SelectedParameter
+from lightning_nusam.perturbations.selection import SelectedParameter, nothing_to_perturb, unwrap_module
 from lightning_nusam.perturbations.sharding import RowSharding, all_reduce_sum, local, row_sharding
 
 #: τ of Algorithm 2: keeps the normalisations finite for a zero gradient.
 DEFAULT_TAU = 1e-12
 
+#: Chooses the parameters of a model that a perturbation may touch (frozen ones included).
+Selection = Callable[[nn.Module], list[SelectedParameter]]
+
+
+def own_options(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """A constructor's ``locals()`` without ``self``, ``model`` and ``__class__``: its options."""
+    return {k: v for k, v in arguments.items() if k not in ("self", "model", "__class__")}
+
 
 class Perturbation(abc.ABC):
     """Base class: step bookkeeping, the perturb/restore protocol and memory accounting.
 
-    Subclasses implement :meth:`_estimate`, :meth:`_apply` and :meth:`_restore` and list the
-    tensors they keep in :meth:`held_tensors`. Counters: ``steps`` (perturbations applied) and
-    ``skipped_steps`` (steps whose gradients were not finite, e.g. an fp16 overflow, so
-    nothing was added).
+    Subclasses set their options, call ``super().__init__(model, rho, select, empty_hint)``,
+    build their state from the selection in :meth:`_selection_changed`, implement
+    :meth:`_estimate`, :meth:`_apply`, :meth:`_restore` and :meth:`_unperturbed_copies`, and list
+    the tensors they keep in :meth:`held_tensors`. Their options are checked by
+    :meth:`check_options` (also without a model, by the callbacks that take them). Counters:
+    ``steps`` (perturbations applied) and ``skipped_steps`` (steps whose gradients were not
+    finite, e.g. an fp16 overflow, so nothing was added).
     """
 
     #: Whether :meth:`restore` returns every weight bit-exactly (it copies them back, or fixes
     #: the entries that a subtraction would round elsewhere) rather than subtracting ``ε``,
     #: which can leave a last-bit rounding (see the m-SAM re-synchronisation of the callbacks).
+    #: Such a restore would also undo an optimizer step taken before it, which is refused.
     exact_restore: bool = False
     #: Whether :meth:`estimate` and :meth:`apply` can be used apart (a one-pass step applies
     #: the direction estimated from the previous step's gradient). The ℓ2 methods cannot: their
     #: direction is the whole gradient, which would have to be kept between steps.
     supports_one_pass: bool = False
+    #: Checks of the options (argument name → a function returning the accepted value or raising
+    #: a ``ValueError`` that names the argument), applied by :meth:`check_options`.
+    option_checks: ClassVar[dict[str, Callable[[Any], Any]]] = {"rho": check_rho}
 
-    def __init__(self, model: nn.Module, rho: float, selected: list[SelectedParameter]) -> None:
+    def __init__(self, model: nn.Module, rho: float, select: Selection, empty_hint: str) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
         self.rho = check_rho(rho)
-        self._selected = selected
-        # Per selected parameter: its row sharding under FSDP2 (a DTensor), None when replicated.
-        self._shardings = [row_sharding(item.name, item.parameter) for item in selected]
+        self.model = unwrap_module(model)
+        self._select, self._empty_hint = select, empty_hint
+        self._selected: list[SelectedParameter] = []
+        self._shardings: list[RowSharding | None] = []
+        self._layout: list[tuple[nn.Parameter, torch.dtype, torch.Size, torch.device]] = []
+        self._hook_handles: list[Any] = []
         self._is_perturbed = False
         self._applied_rho = 0.0
+        self._versions: list[int] = []
+        self._clean: dict[int, torch.Tensor] | None = None
+        self._warned_no_gradient = False
         self.steps = 0
         self._skipped = 0
+        self._take_selection()
+        self._selection_changed({})
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """The options of this class (every argument but ``model``) checked without a model.
+
+        Returns them as accepted (patterns as tuples, counts as ints); raises ``TypeError`` for
+        a name the class does not take and ``ValueError`` naming a bad value.
+
+        Example:
+            >>> from lightning_nusam.perturbations import NuclearPerturbation
+            >>> NuclearPerturbation.check_options({"rho": 0.1, "include": "blocks.*"})
+            {'rho': 0.1, 'include': ('blocks.*',)}
+        """
+        accepted = [name for name in inspect.signature(cls).parameters if name != "model"]
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise TypeError(f"{cls.__name__} has no option {', '.join(map(repr, unknown))}; "
+                            f"its options are {', '.join(accepted)}")
+        checks = cls.option_checks
+        return {name: checks[name](value) if name in checks else value for name, value in options.items()}
+
+    # ----------------------------------------------------------------------------- selection
+    def _take_selection(self) -> None:
+        selected = self._select(self.model)
+        if not selected:
+            raise nothing_to_perturb(self.model, self._empty_hint)
+        self._selected = selected
+        self._shardings = [row_sharding(item.name, item.parameter) for item in selected]
+        self._layout = [(p, p.dtype, p.shape, p.device) for p in self.model.parameters()]
+        self._hold_state_dicts_unperturbed()
+
+    def _follow_model(self) -> None:
+        """Take the selection again if the model's parameters changed since it was taken."""
+        parameters = list(self.model.parameters())
+        if len(parameters) == len(self._layout) and all(
+            p is q and p.dtype == dtype and p.shape == shape and p.device == device
+            for p, (q, dtype, shape, device) in zip(parameters, self._layout, strict=True)
+        ):
+            return
+        previous = {item.name: item for item in self._selected}
+        self._take_selection()
+        self._selection_changed(previous)
+
+    @abc.abstractmethod
+    def _selection_changed(self, previous: dict[str, SelectedParameter]) -> None:
+        """Build the state for ``self._selected``, keeping what belongs to ``previous`` members
+        (by name) that are still selected and compatible (empty at construction)."""
 
     # ----------------------------------------------------------------------------- protocol
     @property
@@ -65,12 +144,18 @@ class Perturbation(abc.ABC):
 
     @property
     def parameter_names(self) -> list[str]:
-        """Names (as in ``model.named_parameters()``) of the parameters this perturbation may touch."""
-        return [item.name for item in self._selected]
+        """Names (as in ``model.named_parameters()``) of the parameters this perturbation touches
+        now: the selected ones that require grad (frozen ones are perturbed once they train)."""
+        if not self._is_perturbed:
+            self._follow_model()
+        return [item.name for item in self._selected if item.parameter.requires_grad]
 
     @property
     def parameters(self) -> list[nn.Parameter]:
-        return [item.parameter for item in self._selected]
+        """The parameters of :attr:`parameter_names`."""
+        if not self._is_perturbed:
+            self._follow_model()
+        return [item.parameter for item in self._selected if item.parameter.requires_grad]
 
     @property
     def skipped_steps(self) -> int:
@@ -84,7 +169,8 @@ class Perturbation(abc.ABC):
 
     @property
     def has_direction(self) -> bool:
-        """Whether an :meth:`estimate` has left a direction for :meth:`apply`."""
+        """Whether an estimate has left a direction for :meth:`apply` (some parameter had a
+        gradient)."""
         return False
 
     @property
@@ -97,9 +183,12 @@ class Perturbation(abc.ABC):
         """Read ``p.grad`` of the selected parameters and add ``ε`` to them in place.
 
         ``rho`` overrides :attr:`rho` for this step only (a radius schedule); :meth:`restore`
-        removes exactly what was added whatever :attr:`rho` is then.
+        removes exactly what was added whatever :attr:`rho` is then. Raises ``RuntimeError``
+        when the model has no gradient at all (no backward pass before it).
         """
         self._check_not_perturbed("perturb")
+        self._follow_model()
+        self._require_gradients("perturb")
         self._estimate()
         self._apply_checked(rho)
 
@@ -109,6 +198,8 @@ class Perturbation(abc.ABC):
         (the half of :meth:`perturb` that a one-pass step runs after its backward pass)."""
         self._require_one_pass("estimate")
         self._check_not_perturbed("estimate")
+        self._follow_model()
+        self._require_gradients("estimate")
         self._estimate()
 
     @torch.no_grad()
@@ -121,20 +212,41 @@ class Perturbation(abc.ABC):
         """
         self._require_one_pass("apply")
         self._check_not_perturbed("apply")
+        self._follow_model()
         self._apply_checked(rho, repeat)
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Remove the ``ε`` added by the last :meth:`perturb`; does nothing when none is applied."""
+        """Remove the ``ε`` added by the last :meth:`perturb`; does nothing when none is applied.
+
+        With an exact restore (a copy put back, or rounding exceptions written back) a change of
+        the weights since :meth:`perturb`, such as an ``optimizer.step()``, would be undone: that
+        is refused with a ``RuntimeError`` and the weights are left as they are.
+        """
         if not self._is_perturbed:
             return
+        if self.exact_restore:
+            changed = [item.name for item, version in zip(self._selected, self._versions, strict=True)
+                       if item.parameter._version != version]
+            if changed:
+                raise RuntimeError(
+                    f"{type(self).__name__}.restore(): {len(changed)} perturbed weights changed since "
+                    f"perturb() (e.g. {changed[0]!r}; an optimizer.step()?), and an exact restore would "
+                    "undo that change. Call restore() before optimizer.step()"
+                )
         self._restore()
         self._is_perturbed = False
         self._applied_rho = 0.0
+        self._clean = None
 
     def _apply_checked(self, rho: float | None, repeat: bool = False) -> None:
         radius = self.rho if rho is None else check_rho(rho)
-        self._is_perturbed, self._applied_rho = True, radius
+        if not self.has_direction:  # no selected parameter had a gradient: nothing to add
+            return
+        self._is_perturbed, self._applied_rho, self._clean = True, radius, None
+        # ε is written through .data, which leaves the version counters alone: a change of them
+        # before restore() is someone else's in-place update (an optimizer step)
+        self._versions = [item.parameter._version for item in self._selected]
         try:
             self._apply(radius, repeat)
         except BaseException:
@@ -142,6 +254,22 @@ class Perturbation(abc.ABC):
             raise
         if not repeat:
             self.steps += 1
+
+    def _require_gradients(self, method: str) -> None:
+        """An error when the model has no gradient at all; a note (once) when only the selected
+        parameters have none (all frozen, or unused by the loss), as nothing is perturbed then."""
+        if any(item.parameter.grad is not None for item in self._selected):
+            return
+        if not any(p.grad is not None for p in self.model.parameters()):
+            raise RuntimeError(
+                f"{type(self).__name__}.{method}() found no gradients in the model: run the first "
+                f"forward and backward pass (loss.backward()) before {method}()"
+            )
+        if not self._warned_no_gradient:
+            self._warned_no_gradient = True
+            warnings.warn(f"{type(self).__name__}: none of the {len(self._selected)} selected parameters "
+                          "has a gradient (frozen, or not used by the loss): nothing is perturbed",
+                          UserWarning, stacklevel=3)
 
     def _check_not_perturbed(self, method: str) -> None:
         if self._is_perturbed:
@@ -156,6 +284,33 @@ class Perturbation(abc.ABC):
                 f"{type(self).__name__}.{method}() is not available: its direction is the whole "
                 "gradient, which a one-pass step would have to keep between steps; use perturb()"
             )
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def unperturbed_values(self) -> dict[int, torch.Tensor]:
+        """While ``ε`` is applied: ``{id(parameter): its value without ε}`` (new tensors, equal to
+        what :meth:`restore` will give back) for every parameter that carries ``ε``; empty when
+        none is applied. This is what ``model.state_dict()`` returns for them meanwhile."""
+        if not self._is_perturbed:
+            return {}
+        if self._clean is None:
+            self._clean = {id(self._selected[i].parameter): value
+                           for i, value in self._unperturbed_copies().items()}
+        return self._clean
+
+    def _hold_state_dicts_unperturbed(self) -> None:
+        """Register, on every module owning a selected parameter, a ``state_dict`` post-hook that
+        replaces a perturbed value by its value without ``ε`` (see :meth:`unperturbed_values`)."""
+        for handle in self._hook_handles:
+            handle.remove()
+        owners = {id(module): module for item in self._selected for module in item.owners}
+        hook = _UnperturbedStateDict(weakref.ref(self))
+        register = ("register_state_dict_post_hook" if hasattr(nn.Module, "register_state_dict_post_hook")
+                    else "_register_state_dict_hook")  # torch < 2.5
+        self._hook_handles = [getattr(module, register)(hook) for module in owners.values()]
+
+    def __del__(self) -> None:
+        for handle in getattr(self, "_hook_handles", ()):
+            handle.remove()
 
     # ----------------------------------------------------------------------------- accounting
     @abc.abstractmethod
@@ -183,13 +338,13 @@ class Perturbation(abc.ABC):
         return next((s for s in self._shardings if s is not None), None)
 
     def perturbed_numel(self) -> int:
-        """How many weights :meth:`perturb` may change (what SAM would have to copy)."""
-        return sum(item.parameter.numel() for item in self._selected)
+        """How many weights :meth:`perturb` may change now (what SAM would have to copy)."""
+        return sum(parameter.numel() for parameter in self.parameters)
 
     def describe(self) -> str:
         """A short human-readable account of what is perturbed and what is held."""
         return (
-            f"{type(self).__name__}(rho={self.rho}): {len(self._selected)} tensors, "
+            f"{type(self).__name__}(rho={self.rho}): {len(self.parameter_names)} tensors, "
             f"{self.perturbed_numel():,} weights perturbed, {self.held_numel():,} numbers held"
         )
 
@@ -200,6 +355,7 @@ class Perturbation(abc.ABC):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         if self._is_perturbed:
             raise RuntimeError("load_state_dict() while the weights are perturbed: call restore() first")
+        self._follow_model()
         self.steps = int(state_dict["steps"])
         self._skipped = int(state_dict["skipped_steps"])
 
@@ -211,10 +367,37 @@ class Perturbation(abc.ABC):
     @abc.abstractmethod
     def _apply(self, rho: float, repeat: bool) -> None:
         """Add ``ε`` of radius ``rho`` from what :meth:`_estimate` kept (``repeat``: the same ``ε``
-        as the last time)."""
+        as the last time), recording each parameter as it is changed so that :meth:`_restore`
+        undoes exactly the changed ones even when interrupted."""
 
     @abc.abstractmethod
-    def _restore(self) -> None: ...
+    def _restore(self) -> None:
+        """Remove ``ε`` parameter by parameter, forgetting each one as it is restored."""
+
+    @abc.abstractmethod
+    def _unperturbed_copies(self) -> dict[int, torch.Tensor]:
+        """``{index in the selection: a new tensor holding that parameter without ε}`` for the
+        parameters that carry ``ε`` now."""
 
     def __repr__(self) -> str:
         return self.describe()
+
+
+class _UnperturbedStateDict:
+    """``state_dict`` post-hook of one module: its perturbed parameters' values without ε."""
+
+    def __init__(self, perturbation: weakref.ReferenceType[Perturbation]) -> None:
+        self.perturbation = perturbation
+
+    def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, metadata: Any) -> None:
+        perturbation = self.perturbation()
+        if perturbation is None or not perturbation.is_perturbed:
+            return
+        clean = perturbation.unperturbed_values()
+        for name, parameter in module.named_parameters(recurse=False):
+            key, value = prefix + name, clean.get(id(parameter))
+            if value is None or key not in state_dict:
+                continue
+            if isinstance(state_dict[key], nn.Parameter):  # state_dict(keep_vars=True)
+                value = nn.Parameter(value, requires_grad=parameter.requires_grad)
+            state_dict[key] = value

@@ -13,20 +13,22 @@ same method at half the cost.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+import functools
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from lightning_nusam.perturbations.base import Perturbation
+from lightning_nusam.checks import check_choice, check_integer
+from lightning_nusam.perturbations.base import Perturbation, own_options
 from lightning_nusam.perturbations.exact import (
     RoundingExceptions,
     add_removably,
     remove_exactly,
     resolve_exact_restore,
 )
-from lightning_nusam.perturbations.selection import dense_gradient, nothing_to_perturb, select_all
+from lightning_nusam.perturbations.selection import SelectedParameter, as_patterns, dense_gradient, select_all
 from lightning_nusam.perturbations.sharding import all_reduce_sum, local
 
 _STEP_STRIDE = 1_000_003  # a prime: distinct (seed, step) pairs give distinct generator seeds
@@ -52,6 +54,15 @@ class GaussianPerturbation(Perturbation):
         1
     """
 
+    option_checks: ClassVar[dict[str, Callable[[Any], Any]]] = {
+        **Perturbation.option_checks,
+        "seed": lambda v: check_integer("seed", v),
+        "include": lambda v: None if v is None else as_patterns("include", v),
+        "exclude": lambda v: () if v is None else as_patterns("exclude", v),
+        "exact_restore": lambda v: check_choice("exact_restore", v, (None, True, False)),
+    }
+    supports_one_pass = True
+
     def __init__(
         self,
         model: nn.Module,
@@ -59,23 +70,28 @@ class GaussianPerturbation(Perturbation):
         *,
         seed: int = 0,
         include: Sequence[str] | str | None = None,
-        exclude: Sequence[str] | str = (),
+        exclude: Sequence[str] | str | None = None,
         exact_restore: bool | None = None,
     ) -> None:
-        selected = select_all(model, include=include, exclude=exclude)
-        if not selected:
-            raise nothing_to_perturb(model, "GaussianPerturbation selected no parameters")
-        exact = resolve_exact_restore(exact_restore, selected)
-        super().__init__(model, rho, selected)
-        self.exact_restore = exact
-        self.seed = int(seed)
+        options = self.check_options(own_options(locals()))
+        self.seed = options["seed"]
+        self._exact_option = options["exact_restore"]
         self._estimated: list[int] = []
         self._exceptions: dict[int, RoundingExceptions] = {}
         # Row-sharded parameters (``self._shardings``) draw their local rows from a rank-specific
         # stream; the norm is one all-reduced scalar (replicated parameters counted on rank 0 only).
         self._scale = torch.zeros(())
-        self._applied: list[int] = []
+        self._applied: list[int] = []  # the parameters that carry ε now
+        self._applied_order: list[int] = []  # the order their noise was drawn in
         self._applied_seed = 0
+        select = functools.partial(select_all, include=options["include"], exclude=options["exclude"])
+        super().__init__(model, options["rho"], select, "GaussianPerturbation selected no parameters")
+
+    def _selection_changed(self, previous: dict[str, SelectedParameter]) -> None:
+        self.exact_restore = resolve_exact_restore(self._exact_option, self._selected)
+        previous_names = list(previous)  # in the order of the previous selection
+        estimated = {previous_names[i] for i in self._estimated}
+        self._estimated = [i for i, item in enumerate(self._selected) if item.name in estimated]
 
     def _noise(self, step_seed: int, indices: list[int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Yield ``(index, weight, e)`` per parameter, ``e`` drawn afresh from ``step_seed``."""
@@ -92,15 +108,14 @@ class GaussianPerturbation(Perturbation):
             noise = torch.randn(weight.shape, generator=generator, device=weight.device)
             yield i, weight, noise
 
-    supports_one_pass = True
-
     @property
     def has_direction(self) -> bool:
         return bool(self._estimated)
 
     def _estimate(self) -> None:
         """The direction is random: only remember which parameters have a gradient."""
-        self._estimated = [i for i, item in enumerate(self._selected) if dense_gradient(item) is not None]
+        self._estimated = [i for i, item in enumerate(self._selected)
+                           if item.parameter.requires_grad and dense_gradient(item) is not None]
 
     def _apply(self, rho: float, repeat: bool) -> None:
         indices = self._estimated
@@ -116,7 +131,7 @@ class GaussianPerturbation(Perturbation):
             squared = all_reduce_sum(squared.to(local(self._selected[0].parameter.detach()).device),
                                      sharding.group).cpu()
         self._scale = torch.tensor(rho / max(float(squared), 1e-300) ** 0.5)
-        self._applied, self._applied_seed = [], step_seed
+        self._applied, self._applied_order, self._applied_seed = [], list(indices), step_seed
         for i, weight, noise in self._noise(step_seed, indices):
             epsilon = noise.mul_(self._scale.item())
             if self.exact_restore:
@@ -126,13 +141,30 @@ class GaussianPerturbation(Perturbation):
             self._applied.append(i)  # restore() undoes exactly the parameters changed so far
 
     def _restore(self) -> None:
-        for i, weight, noise in self._noise(self._applied_seed, self._applied):
-            epsilon = noise.mul_(self._scale.item())
-            if self.exact_restore:
-                remove_exactly(weight, epsilon, self._exceptions[i])
-            else:
-                weight.sub_(epsilon.to(weight.dtype))
-        self._applied, self._exceptions = [], {}
+        for i, weight, noise in self._noise(self._applied_seed, self._applied_order):
+            if i in self._applied:
+                self._remove(weight, noise, i)
+                self._applied.remove(i)  # forgotten one by one: an interruption leaves it consistent
+                self._exceptions.pop(i, None)
+        self._applied_order = []
+
+    def _unperturbed_copies(self) -> dict[int, torch.Tensor]:
+        copies = {}
+        for i, _, noise in self._noise(self._applied_seed, self._applied_order):
+            if i not in self._applied:
+                continue
+            copy = self._selected[i].parameter.detach().clone()
+            self._remove(local(copy), noise, i)
+            copies[i] = copy
+        return copies
+
+    def _remove(self, weight: torch.Tensor, noise: torch.Tensor, index: int) -> None:
+        """``weight ← weight − ε`` for the selected parameter ``index`` (its data, or a copy)."""
+        epsilon = noise.mul_(self._scale.item())
+        if self.exact_restore:
+            remove_exactly(weight, epsilon, self._exceptions[index])
+        else:
+            weight.sub_(epsilon.to(weight.dtype))
 
     def held_tensors(self) -> Iterator[torch.Tensor]:
         yield self._scale

@@ -13,17 +13,19 @@ ASAM (Kwon et al., 2021, "adaptive" SAM) measures the ball in the scale-invarian
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from lightning_nusam.checks import check_flag
-from lightning_nusam.perturbations.base import DEFAULT_TAU, Perturbation
+from lightning_nusam.checks import check_flag, check_positive, check_types
+from lightning_nusam.perturbations.base import DEFAULT_TAU, Perturbation, Selection, own_options
 from lightning_nusam.perturbations.selection import (
     SelectedParameter,
+    as_patterns,
     dense_gradient,
-    nothing_to_perturb,
     select_all,
     select_norm_layers,
 )
@@ -75,7 +77,7 @@ class L2Perturbation(Perturbation):
         rho: the radius ρ ≥ 0 of the ℓ2 ball.
         include: name patterns; only matching parameters are perturbed (``None``: all). A single
             string is one pattern.
-        exclude: name patterns never perturbed (a single string is one pattern).
+        exclude: name patterns never perturbed (a single string is one pattern; None: none).
         tau: added to the norm (the ``perturb_eps`` of common implementations).
         adaptive: ASAM: ``ε = ρ T² g / (‖T g‖₂ + τ)`` with ``T = |w| + adaptive_eta``, elementwise
             (the ``adaptive=True`` of the reference SAM implementations, which use η = 0). ρ is
@@ -93,6 +95,14 @@ class L2Perturbation(Perturbation):
     """
 
     exact_restore = True
+    option_checks: ClassVar[dict[str, Callable[[Any], Any]]] = {
+        **Perturbation.option_checks,
+        "include": lambda v: None if v is None else as_patterns("include", v),
+        "exclude": lambda v: () if v is None else as_patterns("exclude", v),
+        "tau": lambda v: check_positive("tau", v, allow_zero=True),
+        "adaptive": lambda v: check_flag("adaptive", v),
+        "adaptive_eta": lambda v: check_positive("adaptive_eta", v, allow_zero=True),
+    }
 
     def __init__(
         self,
@@ -100,39 +110,40 @@ class L2Perturbation(Perturbation):
         rho: float = 0.05,
         *,
         include: Sequence[str] | str | None = None,
-        exclude: Sequence[str] | str = (),
+        exclude: Sequence[str] | str | None = None,
         tau: float = DEFAULT_TAU,
         adaptive: bool = False,
         adaptive_eta: float = 0.0,
     ) -> None:
-        self._init_selected(model, rho, select_all(model, include=include, exclude=exclude), tau,
-                            adaptive, adaptive_eta)
+        options = self.check_options(own_options(locals()))
+        self.adaptive, self.adaptive_eta = options["adaptive"], options["adaptive_eta"]
+        select = functools.partial(select_all, include=options["include"], exclude=options["exclude"])
+        self._init_selected(model, options["rho"], select, options["tau"],
+                            f"{type(self).__name__} selected no parameters")
 
-    def _init_selected(
-        self, model: nn.Module, rho: float, selected: list[SelectedParameter], tau: float,
-        adaptive: bool = False, adaptive_eta: float = 0.0,
-    ) -> None:
-        if not selected:
-            raise nothing_to_perturb(model, f"{type(self).__name__} selected no parameters")
-        if not tau >= 0:
-            raise ValueError(f"`tau` must be >= 0, got {tau}")
-        check_flag("adaptive", adaptive)
-        if not adaptive_eta >= 0:
-            raise ValueError(f"`adaptive_eta` must be >= 0, got {adaptive_eta!r}")
-        super().__init__(model, rho, selected)
-        self.tau = float(tau)
-        self.adaptive, self.adaptive_eta = adaptive, float(adaptive_eta)
-        common_sharding(self.parameter_names, self._shardings)
-        # One buffer per parameter (this rank's rows when sharded) for the weights before the
-        # perturbation, allocated once (``empty_like`` touches no memory until written).
-        self._backups = [torch.empty_like(local(item.parameter.detach())) for item in selected]
+    def _init_selected(self, model: nn.Module, rho: float, select: Selection, tau: float, hint: str) -> None:
+        self.tau = tau
+        # Per selected parameter, a buffer for its weights before the perturbation (this rank's
+        # rows when sharded), allocated the first time the parameter is perturbed.
+        self._backups: list[torch.Tensor | None] = []
         self._applied: list[int] = []
         self._estimated: list[int] = []
         self._inverse_norm = torch.zeros(())
+        super().__init__(model, rho, select, hint)
+
+    def _selection_changed(self, previous: dict[str, SelectedParameter]) -> None:
+        common_sharding([item.name for item in self._selected], self._shardings)
+        self._backups = [None] * len(self._selected)
+        self._estimated = []
+
+    @property
+    def has_direction(self) -> bool:
+        return bool(self._estimated)
 
     def _estimate(self) -> None:
         """The parameters with a gradient and ``1 / (‖T g‖ + τ)``; the direction is ``g`` itself."""
-        indices = [i for i, item in enumerate(self._selected) if dense_gradient(item) is not None]
+        indices = [i for i, item in enumerate(self._selected)
+                   if item.parameter.requires_grad and dense_gradient(item) is not None]
         self._estimated = []
         if not indices:
             return
@@ -160,7 +171,7 @@ class L2Perturbation(Perturbation):
         scale = rho * self._inverse_norm
         backups = [self._backup_for(i) for i in indices]
         torch._foreach_copy_(backups, params)
-        self._applied = indices  # from here on restore() copies all of them back
+        self._applied = list(indices)  # from here on restore() copies all of them back
         for index, param, grad in zip(indices, params, grads, strict=True):
             if self.adaptive:  # w ← w + T²g·ρ/‖Tg‖
                 param.add_(self._metric(index).square_().mul_(grad).mul_(scale.to(param.dtype)))
@@ -173,15 +184,24 @@ class L2Perturbation(Perturbation):
             torch._foreach_copy_(params, [self._backups[i] for i in self._applied])
         self._applied = []
 
+    def _unperturbed_copies(self) -> dict[int, torch.Tensor]:
+        copies = {}
+        for i in self._applied:
+            copy = self._selected[i].parameter.detach().clone()
+            local(copy).copy_(self._backups[i])
+            copies[i] = copy
+        return copies
+
     def _backup_for(self, index: int) -> torch.Tensor:
-        """The backup buffer, re-allocated if the parameter moved device or changed dtype."""
+        """The backup buffer, (re-)allocated on first use or if the parameter changed layout."""
         param, backup = local(self._selected[index].parameter.detach()), self._backups[index]
-        if backup.shape != param.shape or backup.device != param.device or backup.dtype != param.dtype:
+        if backup is None or backup.shape != param.shape or backup.device != param.device \
+                or backup.dtype != param.dtype:
             self._backups[index] = backup = torch.empty_like(param)
         return backup
 
     def held_tensors(self) -> Iterator[torch.Tensor]:
-        yield from self._backups
+        yield from (backup for backup in self._backups if backup is not None)
 
 
 class NormLayerPerturbation(L2Perturbation):
@@ -190,6 +210,15 @@ class NormLayerPerturbation(L2Perturbation):
     Layers are found by module type (BatchNorm, LayerNorm, GroupNorm, RMSNorm, InstanceNorm and
     their subclasses, plus ``extra_norm_types``), never by name.
 
+    Args:
+        model: the module to perturb.
+        rho: the radius ρ ≥ 0 over the normalisation parameters. The default, 0.5, is ten times
+            SAM's: SAM-ON perturbs a small part of the model, and its authors use radii of about
+            0.5-1 where SAM takes 0.05-0.1.
+        extra_norm_types: module types to count as normalisation layers besides the built-in
+            ones (None: none).
+        tau: added to the norm.
+
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 2))
         >>> samon = NormLayerPerturbation(model, rho=0.5)
@@ -197,19 +226,23 @@ class NormLayerPerturbation(L2Perturbation):
         ['1.weight', '1.bias']
     """
 
+    option_checks: ClassVar[dict[str, Callable[[Any], Any]]] = {
+        **Perturbation.option_checks,
+        "extra_norm_types": lambda v: () if v is None else check_types("extra_norm_types", v),
+        "tau": lambda v: check_positive("tau", v, allow_zero=True),
+    }
+
     def __init__(
         self,
         model: nn.Module,
-        rho: float = 0.05,
+        rho: float = 0.5,
         *,
-        extra_norm_types: Sequence[type[nn.Module]] = (),
+        extra_norm_types: Sequence[type[nn.Module]] | None = None,
         tau: float = DEFAULT_TAU,
     ) -> None:
-        selected = select_norm_layers(model, extra_norm_types)
-        if not selected:
-            raise nothing_to_perturb(
-                model,
-                "SAM-ON perturbs normalisation layers and the model has none "
-                "(pass `extra_norm_types` for custom norm modules)",
-            )
-        self._init_selected(model, rho, selected, tau)
+        options = self.check_options(own_options(locals()))
+        self.adaptive, self.adaptive_eta = False, 0.0
+        select = functools.partial(select_norm_layers, extra_norm_types=options["extra_norm_types"])
+        self._init_selected(model, options["rho"], select, options["tau"],
+                            "SAM-ON perturbs normalisation layers and the model has none "
+                            "(pass `extra_norm_types` for custom norm modules)")

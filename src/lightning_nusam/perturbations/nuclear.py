@@ -14,16 +14,25 @@ are kept, never ``ε_i`` nor a copy of ``M_i``; ``u_i`` is the warm start of the
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
-from lightning_nusam.checks import check_count
-from lightning_nusam.perturbations.base import DEFAULT_TAU, Perturbation
+from lightning_nusam.checks import (
+    check_choice,
+    check_count,
+    check_flag,
+    check_integer,
+    check_positive,
+    check_types,
+)
+from lightning_nusam.perturbations.base import DEFAULT_TAU, Perturbation, own_options
 from lightning_nusam.perturbations.exact import (
     LOW_PRECISION_DTYPES,
     RoundingExceptions,
@@ -35,8 +44,9 @@ from lightning_nusam.perturbations.power_iteration import batched_power_iteratio
 from lightning_nusam.perturbations.selection import (
     DEFAULT_NUCLEAR_EXCLUDE,
     SelectedParameter,
+    as_patterns,
+    coverage,
     dense_gradient,
-    nothing_to_perturb,
     select_matrices,
 )
 from lightning_nusam.perturbations.sharding import (
@@ -54,6 +64,9 @@ DEFAULT_MAX_STACK_NUMEL = 1 << 20
 #: cost there is dispatch overhead, which ``bmm`` saves. Larger ones go through the loop, which
 #: reads each gradient in place (stacking would copy it, and the matvec is memory-bound).
 AUTO_BATCH_MAX_NUMEL = 1 << 12
+
+#: Below this share of the model's weights, νSAM's default selection says (once) what it left out.
+COVERAGE_NOTE_BELOW = 0.5
 
 
 def _as_matrix(tensor: torch.Tensor) -> torch.Tensor:
@@ -104,8 +117,9 @@ class NuclearPerturbation(Perturbation):
         power_iterations: T ≥ 1 of Algorithm 2 (the paper uses T = 1 with a warm start).
         include: name patterns (``fnmatch``, e.g. ``"blocks.*.mlp.*"``), or one pattern as a
             string; only matching parameters are considered. ``None`` considers all.
-        exclude: name patterns never perturbed, or one as a string (default: position
-            embeddings and class tokens).
+        exclude: name patterns never perturbed, or one as a string; None (default) is
+            ``DEFAULT_NUCLEAR_EXCLUDE``: position embeddings, class and register tokens, relative
+            position bias tables. A list replaces it (``[]`` excludes nothing by name).
         exclude_modules: module types whose parameters are never perturbed (normalisation
             layers are always excluded).
         include_conv: also perturb convolution kernels, each as an ``(out, in·kh·kw)`` matrix
@@ -141,6 +155,23 @@ class NuclearPerturbation(Perturbation):
         42
     """
 
+    option_checks: ClassVar[dict[str, Callable[[Any], Any]]] = {
+        **Perturbation.option_checks,
+        "power_iterations": lambda v: check_count("power_iterations", v, 1, whole_floats=True,
+                                                  meaning="T of Algorithm 2"),
+        "include": lambda v: None if v is None else as_patterns("include", v),
+        "exclude": lambda v: DEFAULT_NUCLEAR_EXCLUDE if v is None else as_patterns("exclude", v),
+        "exclude_modules": lambda v: () if v is None else check_types("exclude_modules", v),
+        "include_conv": lambda v: check_flag("include_conv", v),
+        "include_embeddings": lambda v: check_flag("include_embeddings", v),
+        "batched": lambda v: check_choice("batched", v, (True, False, "auto")),
+        "max_stack_numel": lambda v: check_count("max_stack_numel", v, 1),
+        "tau": lambda v: check_positive("tau", v),
+        "seed": lambda v: check_integer("seed", v),
+        "exact_restore": lambda v: check_choice("exact_restore", v, (None, True, False)),
+    }
+    supports_one_pass = True
+
     def __init__(
         self,
         model: nn.Module,
@@ -148,8 +179,8 @@ class NuclearPerturbation(Perturbation):
         power_iterations: int = 1,
         *,
         include: Sequence[str] | str | None = None,
-        exclude: Sequence[str] | str = DEFAULT_NUCLEAR_EXCLUDE,
-        exclude_modules: Sequence[type[nn.Module]] = (),
+        exclude: Sequence[str] | str | None = None,
+        exclude_modules: Sequence[type[nn.Module]] | None = None,
         include_conv: bool = False,
         include_embeddings: bool = False,
         batched: bool | Literal["auto"] = "auto",
@@ -158,44 +189,58 @@ class NuclearPerturbation(Perturbation):
         seed: int = 0,
         exact_restore: bool | None = None,
     ) -> None:
-        power_iterations = check_count("power_iterations", power_iterations, 1, whole_floats=True,
-                                       meaning="T of Algorithm 2")
-        if not tau > 0:
-            raise ValueError(f"`tau` must be > 0 (it keeps Algorithm 2 finite), got {tau}")
-        if max_stack_numel < 1:
-            raise ValueError(f"`max_stack_numel` must be >= 1, got {max_stack_numel}")
-        selected = select_matrices(
-            model,
-            include=include,
-            exclude=exclude,
-            exclude_modules=exclude_modules,
-            include_conv=include_conv,
-            include_embeddings=include_embeddings,
-        )
-        if not selected:
-            raise nothing_to_perturb(
-                model,
-                "νSAM perturbs 2-D weight matrices (pass `include_conv=True` for convolution kernels)",
-            )
-        exact = resolve_exact_restore(exact_restore, selected)
-        super().__init__(model, rho, selected)
-        self.exact_restore = exact
-        self.power_iterations = power_iterations
-        if batched not in (True, False, "auto"):
-            raise ValueError(f"`batched` must be True, False or 'auto', got {batched!r}")
-        self.batched = batched
-        self.max_stack_numel = int(max_stack_numel)
-        self.tau = float(tau)
-        self._groups = self._build_groups(selected, self._shardings, seed)
+        options = self.check_options(own_options(locals()))  # exclude None: DEFAULT_NUCLEAR_EXCLUDE
+        self.power_iterations = options["power_iterations"]
+        self.batched = options["batched"]
+        self.max_stack_numel = options["max_stack_numel"]
+        self.tau = options["tau"]
+        self.seed = options["seed"]
+        self._exact_option = options["exact_restore"]
+        self._groups: list[_ShapeGroup] = []
         self._skipped: torch.Tensor | int = 0
-
-    supports_one_pass = True
+        select = functools.partial(select_matrices, **{k: options[k] for k in (
+            "include", "exclude", "exclude_modules", "include_conv", "include_embeddings")})
+        super().__init__(model, options["rho"], select, "νSAM perturbs 2-D weight matrices "
+                         "(pass `include_conv=True` for convolution kernels)")
+        if options["include"] is None:
+            self._note_coverage(options["include_conv"], options["include_embeddings"])
 
     @property
     def has_direction(self) -> bool:
         return any(group.estimated_rows for group in self._groups)
 
     # ----------------------------------------------------------------------------- setup
+    def _note_coverage(self, include_conv: bool, include_embeddings: bool) -> None:
+        """Say once when the default selection leaves most of the model unperturbed (a CNN whose
+        only linear layer is its head, say), and which option would perturb the rest."""
+        share, left_out = coverage(self.model, self._selected, include_conv=include_conv,
+                                   include_embeddings=include_embeddings)
+        if share < COVERAGE_NOTE_BELOW and left_out:
+            count = len(self._selected)
+            warnings.warn(
+                f"{type(self).__name__} perturbs {count} weight matri{'x' if count == 1 else 'ces'}, "
+                f"{100 * share:.2f} % of the trainable weights; not perturbed: {'; '.join(left_out)}",
+                UserWarning, stacklevel=3,
+            )
+
+    def _selection_changed(self, previous: dict[str, SelectedParameter]) -> None:
+        """Group the selected matrices by shape, keeping the vectors of those selected before."""
+        self.exact_restore = resolve_exact_restore(self._exact_option, self._selected)
+        kept = {name: (group.u[row], group.v[row], row in group.estimated_rows)
+                for group in self._groups for row, name in enumerate(m.name for m in group.members)
+                if name in previous}
+        self._groups = self._build_groups(self._selected, self._shardings, self.seed)
+        for group in self._groups:
+            for row, item in enumerate(group.members):
+                if item.name not in kept:
+                    continue
+                u, v, estimated = kept[item.name]
+                if u.shape == group.u[row].shape and v.shape == group.v[row].shape:
+                    group.u[row].copy_(u)
+                    group.v[row].copy_(v)
+                    if estimated:
+                        group.estimated_rows.append(row)
+
     @staticmethod
     def _build_groups(
         selected: list[SelectedParameter], item_shardings: list[RowSharding | None], seed: int
@@ -248,10 +293,23 @@ class NuclearPerturbation(Perturbation):
 
     def _restore(self) -> None:
         for group in self._groups:
+            while group.applied_rows:  # forgotten one by one: an interruption leaves it consistent
+                row = group.applied_rows[-1]
+                self._remove_rank_one(group, row, self._applied_rho,
+                                      local(group.members[row].parameter.data))
+                group.applied_rows.pop()
+                group.exceptions.pop(row, None)
+
+    def _unperturbed_copies(self) -> dict[int, torch.Tensor]:
+        index = {id(item.parameter): i for i, item in enumerate(self._selected)}
+        copies = {}
+        for group in self._groups:
             for row in group.applied_rows:
-                self._remove_rank_one(group, row, self._applied_rho)
-            group.applied_rows = []
-            group.exceptions = {}
+                parameter = group.members[row].parameter
+                copy = parameter.detach().clone()
+                self._remove_rank_one(group, row, self._applied_rho, local(copy))
+                copies[index[id(parameter)]] = copy
+        return copies
 
     def _matrix_scales(self, sigmas: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """Per-matrix factor folded into ``v``: none for νSAM (every matrix gets radius ρ)."""
@@ -259,7 +317,8 @@ class NuclearPerturbation(Perturbation):
 
     def _power_iteration(self, group: _ShapeGroup) -> Iterator[_Estimate]:
         """Run Algorithm 2 for the members of ``group`` that have a gradient."""
-        rows = [i for i, item in enumerate(group.members) if dense_gradient(item) is not None]
+        rows = [i for i, item in enumerate(group.members)
+                if item.parameter.requires_grad and dense_gradient(item) is not None]
         if not rows:
             return
         self._follow_device(group)
@@ -323,8 +382,8 @@ class NuclearPerturbation(Perturbation):
         else:
             self._add_outer(group, row, weight, rho)
 
-    def _remove_rank_one(self, group: _ShapeGroup, row: int, rho: float) -> None:
-        weight = local(group.members[row].parameter.data)
+    def _remove_rank_one(self, group: _ShapeGroup, row: int, rho: float, weight: torch.Tensor) -> None:
+        """``M ← M − ρ u vᵀ`` on ``weight`` (the parameter's local data, or a copy of it)."""
         if self.exact_restore:
             remove_exactly(weight, self._epsilon(group, row, rho, weight), group.exceptions[row])
         else:
@@ -384,12 +443,16 @@ class NuclearPerturbation(Perturbation):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         super().load_state_dict(state_dict)
         saved = state_dict["u"]
-        expected = set(self.parameter_names)
+        expected = {item.name for item in self._selected}
         if set(saved) != expected:
-            missing, unexpected = sorted(expected - set(saved)), sorted(set(saved) - expected)
+            only_saved, only_here = sorted(set(saved) - expected), sorted(expected - set(saved))
             raise ValueError(
-                "state_dict does not match the perturbed matrices: "
-                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+                f"the state_dict holds the vectors of {len(saved)} matrices and this "
+                f"{type(self).__name__} selects {len(expected)}: missing from the state_dict "
+                f"{only_here[:5]}{' …' if len(only_here) > 5 else ''}, not selected here "
+                f"{only_saved[:5]}{' …' if len(only_saved) > 5 else ''}. The model or the selection "
+                "options (include, exclude, exclude_modules, include_conv, include_embeddings) "
+                "differ from those it was saved with"
             )
         saved_v, estimated = state_dict.get("v", {}), set(state_dict.get("estimated", ()))
         for group in self._groups:

@@ -2,12 +2,15 @@
 
 Every perturbation is built from an ``nn.Module`` and a selection rule. The rules here are
 plain functions of the module tree, so the choice is visible (``perturbation.parameter_names``)
-and testable without running a step.
+and testable without running a step. A rule selects frozen parameters too (``requires_grad``
+off): a perturbation skips them while they are frozen and perturbs them once they train (a
+fine-tuning callback that unfreezes a backbone), so the selection need not be rebuilt.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,6 +28,9 @@ DEFAULT_NUCLEAR_EXCLUDE: tuple[str, ...] = (
     "*dist_token*",
     "*reg_token*",
     "*mask_token*",
+    "*relative_position_bias_table*",  # Swin, BEiT: a lookup table of biases per relative position
+    "*rel_pos_h*",  # the relative position embeddings of SAM's ViT (timm vit_*_sam)
+    "*rel_pos_w*",
 )
 
 #: Module types whose parameters are normalisation parameters (SAM-ON perturbs exactly these).
@@ -58,14 +64,35 @@ class SelectedParameter:
     owners: tuple[nn.Module, ...] = ()
 
 
+def unwrap_module(model: nn.Module) -> nn.Module:
+    """The user's module inside the wrappers that training code puts around it, so that names and
+    ``state_dict`` keys are the user's: ``DistributedDataParallel``/``DataParallel`` (``.module``),
+    ``torch.compile`` (``._orig_mod``) and Lightning Fabric's ``fabric.setup`` (``.module``; checked
+    only when Fabric is already imported, so this module never imports Lightning)."""
+    fabric_wrappers = tuple(
+        sys.modules[name]._FabricModule
+        for name in ("lightning.fabric.wrappers", "lightning_fabric.wrappers")
+        if name in sys.modules and hasattr(sys.modules[name], "_FabricModule")
+    )
+    compiled = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
+    compiled_type = getattr(compiled, "OptimizedModule", None)
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        elif fabric_wrappers and isinstance(model, fabric_wrappers):
+            model = model.module
+        elif compiled_type is not None and isinstance(model, compiled_type):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def owned_parameters(model: nn.Module) -> Iterator[SelectedParameter]:
-    """Yield every trainable parameter once (shared/tied parameters once) with its owner modules."""
+    """Yield every parameter once (shared/tied parameters once, frozen ones too) with its owners."""
     owners: dict[int, list[nn.Module]] = {}
     first: dict[int, tuple[str, nn.Parameter]] = {}
     for module_name, module in model.named_modules():
         for local_name, parameter in module.named_parameters(recurse=False):
-            if not parameter.requires_grad:
-                continue
             owners.setdefault(id(parameter), []).append(module)
             first.setdefault(id(parameter), (f"{module_name}.{local_name}" if module_name else local_name,
                                              parameter))
@@ -125,7 +152,7 @@ def select_matrices(
 ) -> list[SelectedParameter]:
     """The weight matrices νSAM perturbs (Algorithm 1: ``x = (M_1, ..., M_l)``).
 
-    A parameter is selected when it requires grad, is 2-D (or is a convolution kernel and
+    A parameter is selected when it is 2-D (or is a convolution kernel and
     ``include_conv`` is set, then seen as an ``(out, in·kh·kw)`` matrix), its name matches
     ``include`` (when given) and no pattern of ``exclude``, its module is neither a
     normalisation layer, nor an embedding table (unless ``include_embeddings``), nor an
@@ -161,8 +188,8 @@ def select_all(
     include: Sequence[str] | str | None = None,
     exclude: Sequence[str] | str = (),
 ) -> list[SelectedParameter]:
-    """Every trainable parameter (SAM's flattened vector), optionally filtered by name (a pattern
-    or a list of them); parameters with sparse gradients are left out."""
+    """Every parameter (SAM's flattened vector), optionally filtered by name (a pattern or a list
+    of them); parameters with sparse gradients are left out."""
     include = None if include is None else as_patterns("include", include)
     exclude = as_patterns("exclude", exclude)
     return [
@@ -185,5 +212,32 @@ def nothing_to_perturb(model: nn.Module, hint: str) -> ValueError:
     """The error every perturbation raises when its selection is empty."""
     return ValueError(
         f"`model` ({type(model).__name__}) has no parameters to perturb: {hint}. "
-        "Check that its parameters require grad and that `include`/`exclude` select some."
+        "Check that `include`/`exclude` select some."
     )
+
+
+def coverage(model: nn.Module, selected: Sequence[SelectedParameter], *, include_conv: bool = False,
+             include_embeddings: bool = False) -> tuple[float, list[str]]:
+    """The share of the model's weights in ``selected``, and the convolution kernels and
+    embedding tables left out by default, with the option that would include them (for νSAM's
+    one-time note on a mostly convolutional or embedding-heavy model)."""
+    chosen = {id(item.parameter) for item in selected}
+    total = covered = 0
+    left_out: dict[tuple[str, str], list[int]] = {}
+    for item in owned_parameters(model):
+        total += item.parameter.numel()
+        if id(item.parameter) in chosen:
+            covered += item.parameter.numel()
+            continue
+        if not include_conv and isinstance(item.module, CONV_LAYER_TYPES) and item.parameter.dim() > 2:
+            kind = ("convolution kernel", "include_conv=True perturbs them as matrices")
+        elif not include_embeddings and isinstance(item.module, EMBEDDING_TYPES):
+            kind = ("embedding table", "include_embeddings=True perturbs them")
+        else:
+            continue
+        counts = left_out.setdefault(kind, [0, 0])
+        counts[0] += 1
+        counts[1] += item.parameter.numel()
+    share = covered / total if total else 1.0
+    return share, [f"{count} {what}{'s' if count > 1 else ''} ({numel:,} weights; {hint})"
+                   for (what, hint), (count, numel) in left_out.items()]
