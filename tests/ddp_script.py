@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_helpers import Classifier, PlainClassifier, classification_data, trainer
+from helpers import Classifier, PlainClassifier, classification_data, trainer
 from lightning_nusam import NuSAM
 from lightning_nusam.data import ResumableDataLoader
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from lightning_helpers import Classifier, PlainClassifier, classification_data, trainer
+from helpers import Classifier, PlainClassifier, classification_data, trainer
 from lightning_nusam import SAM, SAMON, NuSAM
 from lightning_nusam.data import ResumableDataLoader
 

@@ -1,7 +1,10 @@
-"""Small Lightning modules and data shared by the Lightning tests."""
+"""What the tests share: small models and data, the one weight comparison, the one reference loop
+(the core's perturb()/restore() written out by hand, no engine, no Lightning), and Lightning
+modules and Trainer settings."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -11,6 +14,63 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_nusam import SAMMixin, sam_pass
+from lightning_nusam.perturbations import Perturbation
+
+
+class TinyViTLike(nn.Module):
+    """A small transformer-shaped model with every kind of parameter νSAM must tell apart."""
+
+    def __init__(self, dim: int = 12, depth: int = 2, classes: int = 5) -> None:
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, kernel_size=2, stride=2)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, 5, dim) * 0.02)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    "norm": nn.LayerNorm(dim),
+                    "fc1": nn.Linear(dim, 2 * dim),
+                    "fc2": nn.Linear(2 * dim, dim),
+                }
+            )
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, 4, dim)
+        tokens = torch.cat([self.cls_token.expand(len(tokens), -1, -1), tokens], dim=1)
+        tokens = tokens + self.pos_embed
+        for block in self.blocks:
+            tokens = tokens + block["fc2"](torch.relu(block["fc1"](block["norm"](tokens))))
+        return self.head(self.norm(tokens[:, 0]))
+
+
+def make_batch(seed: int = 0, n: int = 8, dtype: torch.dtype = torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, 4, 4, generator=generator, dtype=dtype)
+    labels = torch.randint(0, 5, (n,), generator=generator)
+    return images, labels
+
+
+def matrix_with_gap(n: int, m: int, singular_values: list[float], seed: int) -> torch.Tensor:
+    """An ``n×m`` fp64 matrix with the given singular values (random singular vectors)."""
+    generator = torch.Generator().manual_seed(seed)
+    left, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    right, _ = torch.linalg.qr(torch.randn(m, m, generator=generator, dtype=torch.float64))
+    k = len(singular_values)
+    return left[:, :k] @ torch.diag(torch.tensor(singular_values, dtype=torch.float64)) @ right[:, :k].T
+
+
+def first_pass(model: nn.Module, seed: int = 0) -> torch.Tensor:
+    """Zero the grads and run forward/backward on a fixed batch; returns the loss."""
+    model.zero_grad(set_to_none=True)
+    dtype = next(model.parameters()).dtype
+    images, labels = make_batch(seed, dtype=dtype)
+    loss = nn.functional.cross_entropy(model(images).float(), labels)
+    loss.backward()
+    return loss.detach()
 
 
 def classification_data(n: int = 48, features: int = 6, classes: int = 3, seed: int = 0) -> TensorDataset:
@@ -146,11 +206,45 @@ def same_weights(a: nn.Module, b: nn.Module) -> bool:
     return max_weight_difference(a, b) == 0.0
 
 
-def max_weight_difference(a: nn.Module, b: nn.Module) -> float:
-    """The largest ``|a − b|`` over the parameters of two modules of one architecture."""
+def max_weight_difference(a: nn.Module | list[torch.Tensor], b: nn.Module | list[torch.Tensor]) -> float:
+    """The largest ``|a − b|`` over the parameters of two modules of one architecture (or over
+    two lists of tensors, such as weights recorded after a step)."""
+    first = list(a.parameters()) if isinstance(a, nn.Module) else a
+    second = list(b.parameters()) if isinstance(b, nn.Module) else b
     with torch.no_grad():
-        return max(float((x.float() - y.float()).abs().max())
-                   for x, y in zip(a.parameters(), b.parameters(), strict=True))
+        return max(float((x.float() - y.float()).abs().max()) for x, y in zip(first, second, strict=True))
+
+
+Window = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def reference_loop(net: nn.Module, make_perturbation: Callable[[nn.Module], Perturbation] | None,
+                   windows: list[Window], *, divide_by: int | None = None,
+                   make_optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+                   halve_lr_every_step: bool = False) -> nn.Module:
+    """The independent replay of a sharpness-aware run: for each window of micro-batches, the
+    first pass over all of them (each loss divided by ``divide_by``, default the window's length),
+    ``perturb()``, the second pass over the same ones, ``restore()``, an optimizer step (SGD with
+    lr 0.05 and momentum 0.9 unless ``make_optimizer(parameters)`` says otherwise); a plain step
+    when ``make_perturbation`` is None."""
+    optimizer = (make_optimizer or (lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)))(net.parameters())
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, 0.5) if halve_lr_every_step else None
+    perturbation = make_perturbation(net) if make_perturbation is not None else None
+    for window in windows:
+        k = divide_by or len(window)
+        for x, y in window:
+            (nn.functional.cross_entropy(net(x), y) / k).backward()
+        if perturbation is not None:
+            perturbation.perturb()
+            net.zero_grad(set_to_none=True)
+            for x, y in window:
+                (nn.functional.cross_entropy(net(x), y) / k).backward()
+            perturbation.restore()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+    return net
 
 
 def trainer(**kwargs) -> L.Trainer:

@@ -7,13 +7,20 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins import MixedPrecision
-from torch import nn
 
-from lightning_helpers import Classifier, PlainClassifier, classification_data, loader, make_net, trainer
+from helpers import (
+    Classifier,
+    PlainClassifier,
+    classification_data,
+    loader,
+    make_net,
+    max_weight_difference,
+    reference_loop,
+    trainer,
+)
 from lightning_nusam import SAM, SAMON, GaussSAM, NuSAM, NuSAMNorm
 from lightning_nusam.data import ResumableDataLoader
 from lightning_nusam.perturbations import L2Perturbation, NuclearPerturbation
-from test_lightning_step import max_weight_difference
 
 CALLBACKS = {"NuSAM": NuSAM, "NuSAMNorm": NuSAMNorm, "SAM": SAM, "SAMON": SAMON, "GaussSAM": GaussSAM}
 SCHEDULE = {"interval": "step", "frequency": 1}
@@ -44,32 +51,13 @@ def test_k_micro_batches_equal_one_batch_of_k_times_the_size(path, name):
     assert run.lr_scheduler_configs[0].scheduler.last_epoch == 6  # once per optimizer step
 
 
-def reference_loop(net, rho, batches_per_step, accumulate, lr=0.05):
-    """A plain loop with Lightning's convention: every micro-batch loss divided by k, also in
-    a last, partial window."""
-    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
-    nusam = NuclearPerturbation(net, rho=rho)
-    for window in batches_per_step:
-        for x, y in window:
-            (nn.functional.cross_entropy(net(x), y) / accumulate).backward()
-        nusam.perturb()
-        net.zero_grad(set_to_none=True)
-        for x, y in window:
-            (nn.functional.cross_entropy(net(x), y) / accumulate).backward()
-        nusam.restore()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-    return net
-
-
 @pytest.mark.parametrize("path", ["mixin", "dropin"])
 def test_a_partial_window_steps_at_the_end_of_the_epoch(path):
     data = classification_data(n=40)  # 5 micro-batches of 8 per epoch, k = 3: windows of 3 and 2
     inputs, labels = data.tensors
     micro = [(inputs[i:i + 8], labels[i:i + 8]) for i in range(0, 40, 8)]
-    expected = reference_loop(make_net(), 0.3, [micro[:3], micro[3:]] * 2, accumulate=3)
+    expected = reference_loop(make_net(), lambda net: NuclearPerturbation(net, rho=0.3),
+                              [micro[:3], micro[3:]] * 2, divide_by=3, halve_lr_every_step=True)
     if path == "mixin":
         module, run = Classifier(accumulate_grad_batches=3, scheduler=SCHEDULE), trainer(
             max_epochs=2, callbacks=[NuSAM(rho=0.3)])
@@ -91,7 +79,7 @@ class KeptMicroBatches(Callback):
         self.seen.append(batch)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.kept.append([b for b, _ in self.sam.step.micro_batches])
+        self.kept.append([b for b, _ in self.sam.engine.micro_batches])
 
 
 @pytest.mark.parametrize("path", ["mixin", "dropin"])
@@ -106,7 +94,7 @@ def test_the_replay_keeps_the_loaders_micro_batches_and_nothing_else(path):
     for step, kept in enumerate(recorder.kept):  # the very batch objects the loader gave
         assert len(kept) == 3 and all(a is b for a, b in zip(kept, recorder.seen[3 * step:3 * step + 3],
                                                                 strict=True))
-    assert sam.step.micro_batches == []  # released after the step
+    assert sam.engine.micro_batches == []  # released after the step
     expected = sum(p.shape[0] + p.shape[1] for p in sam.perturbation.parameters)
     assert sam.perturbation.held_numel() == expected  # only u and v: no copy of the weights
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lightning_helpers import write_fake_cifar
+from helpers import write_fake_cifar
 
 ROOT = Path(__file__).resolve().parents[1]
 

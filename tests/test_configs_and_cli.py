@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_helpers import write_fake_cifar
+from helpers import write_fake_cifar
 from lightning_nusam.cli import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,24 +96,28 @@ def test_console_script_and_module_entry_point():
 
 
 CALLBACK_CLASSES = ["NuSAM", "NuSAMNorm", "SAM", "SAMON", "GaussSAM"]
-COMMON_OPTIONS = ["rho", "start_epoch", "start_fraction", "every_n_steps", "rho_schedule", "rho_final",
-                  "one_pass", "sync_first_pass", "resync_every", "batchnorm_update"]
-OWN_OPTIONS = {"NuSAM": ["power_iterations", "include", "exclude", "include_conv", "include_embeddings",
-                         "batched", "seed"],
-               "NuSAMNorm": ["power_iterations", "include", "exclude", "include_conv", "include_embeddings",
-                             "batched", "seed"],
-               "SAM": ["include", "exclude", "adaptive", "adaptive_eta"], "SAMON": [],
-               "GaussSAM": ["seed"]}
 
 
 @pytest.mark.parametrize("name", CALLBACK_CLASSES)
 def test_cli_help_shows_every_argument_of_every_callback(name, capsys):
+    """Every option of the method's perturbation class and every common option, read from their
+    signatures (the options are declared there only)."""
+    import inspect
+
+    import lightning_nusam
+    from lightning_nusam import SharpnessAwareCallback
+
+    callback = getattr(lightning_nusam, name)
+    own = [n for n in inspect.signature(callback.perturbation_class).parameters if n != "model"]
+    common = [n for n, p in inspect.signature(SharpnessAwareCallback.__init__).parameters.items()
+              if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    assert {"rho", "start_fraction", "same_random_draws"} <= set(own + common)
     with pytest.raises(SystemExit) as done:
         cli_main(["fit", f"--trainer.callbacks=lightning_nusam.{name}", "--trainer.callbacks.help",
                   f"lightning_nusam.{name}"])
     assert done.value.code in (0, None)
     shown = capsys.readouterr().out
-    for option in COMMON_OPTIONS + OWN_OPTIONS[name]:
+    for option in own + common:
         assert f"--trainer.callbacks.{option} " in shown, (name, option)
 
 
@@ -139,6 +143,8 @@ trainer:
     cli = cli_main(["-c", str(CONFIGS / "quickstart.yaml"), "-c", str(config), "--trainer.fast_dev_run=1",
                     f"--trainer.default_root_dir={tmp_path}"], run=False)
     sam = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "NuSAM")
-    assert (sam.rho, sam.power_iterations, sam.include, sam.start_epoch, sam.every_n_steps) == (
-        0.2, 2, ["*mlp*"], 1, 2)
-    assert (sam.rho_schedule, sam.rho_final, sam.one_pass, sam.resync_every) == ("linear", 0.05, True, 10)
+    options, schedule = sam.perturbation_options, sam.schedule
+    assert (sam.rho, options["power_iterations"], options["include"], schedule.start_epoch,
+            schedule.every_n_steps) == (0.2, 2, ("*mlp*",), 1, 2)
+    assert (schedule.rho_schedule, schedule.rho_final, schedule.one_pass, sam.resync_every) == (
+        "linear", 0.05, True, 10)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_helpers import write_fake_cifar
+from helpers import write_fake_cifar
 from lightning_nusam.data import CIFARDataModule, DigitsDataModule, measure_noise_fit, symmetric_label_noise
 
 

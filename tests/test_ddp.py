@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_helpers import (
+from helpers import (
     Classifier,
     PlainClassifier,
     classification_data,
     loader,
+    max_weight_difference,
     subprocess_env,
     trainer,
 )
@@ -30,10 +31,6 @@ def launch(tmp_path: Path, mode: str) -> list[dict]:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return [torch.load(tmp_path / f"{mode}_rank{r}.pt", weights_only=False) for r in range(2)]
-
-
-def max_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +61,8 @@ def test_ddp_synced_first_pass_equals_single_process_and_ranks_stay_identical(
                                                      strict=True))
         assert all(torch.equal(a, b) for a, b in zip(rank0["first_grads"][step], rank1["first_grads"][step],
                                                      strict=True))
-    deviation = max(max_difference(rank0["weights"][s], single_process_weights[s]) for s in range(STEPS))
+    deviation = max(max_weight_difference(rank0["weights"][s], single_process_weights[s])
+                    for s in range(STEPS))
     print(f"{mode}: max |w_ddp - w_single| over {STEPS} steps: {deviation:.3e}")
     # one gradient all-reduce per pass (the model fits one DDP bucket), whatever the micro-batches
     assert rank0["allreduces_per_step"] == [2] * STEPS
@@ -90,7 +88,7 @@ def test_ddp_one_pass_estimates_from_the_all_reduced_gradient(tmp_path):
     for step in range(STEPS):  # the direction comes from the same, all-reduced gradient on both ranks
         assert all(torch.equal(a, b) for a, b in zip(rank0["first_grads"][step], rank1["first_grads"][step],
                                                      strict=True))
-    deviation = max(max_difference(rank0["weights"][s], weights[s]) for s in range(STEPS))
+    deviation = max(max_weight_difference(rank0["weights"][s], weights[s]) for s in range(STEPS))
     print(f"one-pass DDP vs one process: {deviation:.3e}")
     assert deviation <= 1e-5
 
@@ -100,8 +98,8 @@ def test_m_sam_first_pass_is_local_and_weights_still_agree(tmp_path, mode):
     rank0, rank1 = launch(tmp_path, mode)
     assert rank0["allreduces_per_step"] == [1] * STEPS  # the second pass only
     for step in range(STEPS):  # each rank perturbed with its own half-batch gradient
-        assert max_difference(rank0["first_grads"][step], rank1["first_grads"][step]) > 1e-3
-    divergence = [max_difference(rank0["weights"][s], rank1["weights"][s]) for s in range(STEPS)]
+        assert max_weight_difference(rank0["first_grads"][step], rank1["first_grads"][step]) > 1e-3
+    divergence = [max_weight_difference(rank0["weights"][s], rank1["weights"][s]) for s in range(STEPS)]
     print("m-SAM rank divergence per step:", divergence)
     assert max(divergence) <= 1e-6
     assert rank0["resyncs"] == rank1["resyncs"] == STEPS // 3

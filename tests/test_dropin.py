@@ -9,9 +9,16 @@ import torch
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
-from lightning_helpers import Classifier, PlainClassifier, classification_data, loader, make_net, trainer
+from helpers import (
+    Classifier,
+    PlainClassifier,
+    classification_data,
+    loader,
+    make_net,
+    max_weight_difference,
+    trainer,
+)
 from lightning_nusam import SAM, SAMON, GaussSAM, NuSAM, NuSAMNorm
-from test_lightning_step import max_weight_difference
 
 CALLBACKS = {"NuSAM": NuSAM, "NuSAMNorm": NuSAMNorm, "SAM": SAM, "SAMON": SAMON, "GaussSAM": GaussSAM}
 

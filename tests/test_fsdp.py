@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_helpers import Classifier, classification_data, loader, subprocess_env, trainer
+from helpers import Classifier, classification_data, loader, max_weight_difference, subprocess_env, trainer
 from lightning_nusam import SAM, SAMON, NuSAM
 
 HERE = Path(__file__).resolve().parent
@@ -48,27 +48,26 @@ def single_process_weights():
     return single_process_run(NuSAM, 0.5)
 
 
-def max_difference(a, b) -> float:
-    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
-
-
 def test_fsdp2_equals_single_process_on_the_joined_batch(runs, single_process_weights):
     rank0, rank1 = runs["train"]
     assert rank0["world_size"] == 2 and len(rank0["weights"]) == STEPS
-    deviation = max(max_difference(rank0["weights"][s], single_process_weights[s]) for s in range(STEPS))
+    deviation = max(max_weight_difference(rank0["weights"][s], single_process_weights[s])
+                    for s in range(STEPS))
     print(f"max |w_fsdp2 - w_single| over {STEPS} steps: {deviation:.3e}")
     assert deviation <= 1e-5
     for step in range(STEPS):
-        assert max_difference(rank0["weights"][step], rank1["weights"][step]) == 0.0
+        assert max_weight_difference(rank0["weights"][step], rank1["weights"][step]) == 0.0
 
 
 def test_fsdp2_dropin_equals_single_process(tmp_path, single_process_weights):
     """The callback alone on an automatic-optimization module under FSDP2: the same step."""
     rank0, rank1 = launch(tmp_path, "dropin")
-    deviation = max(max_difference(rank0["weights"][s], single_process_weights[s]) for s in range(STEPS))
+    deviation = max(max_weight_difference(rank0["weights"][s], single_process_weights[s])
+                    for s in range(STEPS))
     print(f"drop-in: max |w_fsdp2 - w_single| over {STEPS} steps: {deviation:.3e}")
     assert deviation <= 1e-5
-    assert all(max_difference(a, b) == 0.0 for a, b in zip(rank0["weights"], rank1["weights"], strict=True))
+    assert all(max_weight_difference(a, b) == 0.0
+               for a, b in zip(rank0["weights"], rank1["weights"], strict=True))
 
 
 def test_fsdp2_perturbation_communicates_only_vectors_and_holds_local_rows(runs):
@@ -88,21 +87,21 @@ def test_fsdp2_resume_from_distributed_checkpoint_continues_identically(runs):
     uninterrupted, resumed = runs["train"][0], runs["resume"][0]
     assert len(resumed["weights"]) == STEPS - 3
     for step in range(3, STEPS):
-        assert max_difference(uninterrupted["weights"][step], resumed["weights"][step - 3]) == 0.0
+        assert max_weight_difference(uninterrupted["weights"][step], resumed["weights"][step - 3]) == 0.0
 
 
 def test_fsdp2_bf16_mixed_trains(tmp_path):
     rank0, rank1 = launch(tmp_path, "bf16")
     assert len(rank0["weights"]) == STEPS and rank0["materialised"] == 0
     assert all(torch.isfinite(w).all() for w in rank0["weights"][-1])
-    assert max_difference(rank0["weights"][-1], rank1["weights"][-1]) == 0.0
+    assert max_weight_difference(rank0["weights"][-1], rank1["weights"][-1]) == 0.0
 
 
 @pytest.mark.parametrize(("mode", "callback_class", "rho"), [("sam", SAM, 0.1), ("samon", SAMON, 0.5)])
 def test_fsdp2_sam_and_samon_global_norm_equal_single_process(tmp_path, mode, callback_class, rho):
     rank0, rank1 = launch(tmp_path, mode)
     reference = single_process_run(callback_class, rho)
-    deviation = max(max_difference(rank0["weights"][s], reference[s]) for s in range(STEPS))
+    deviation = max(max_weight_difference(rank0["weights"][s], reference[s]) for s in range(STEPS))
     print(f"{mode}: max |w_fsdp2 - w_single| over {STEPS} steps: {deviation:.3e}")
     assert deviation <= 1e-5
     assert rank0["materialised"] == 0 and rank0["reduced_numel"] == [1] * STEPS  # one scalar: ‖g‖²

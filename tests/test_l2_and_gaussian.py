@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TinyViTLike, first_pass, make_batch
+from helpers import TinyViTLike, first_pass, make_batch, max_weight_difference, reference_loop
 from lightning_nusam.perturbations import (
     GaussianPerturbation,
     L2Perturbation,
@@ -42,18 +42,6 @@ def test_sam_skips_non_finite_gradients(vit_like):
     assert sam.skipped_steps == 1
 
 
-def run_two_pass(model, optimizer, perturbation, steps):
-    for step in range(steps):
-        images, labels = make_batch(step)
-        nn.functional.cross_entropy(model(images), labels).backward()
-        perturbation.perturb()
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(images), labels).backward()
-        perturbation.restore()
-        optimizer.step()
-        optimizer.zero_grad()
-
-
 def run_peer_sam(model, optimizer, steps):
     for step in range(steps):
         images, labels = make_batch(step)
@@ -78,17 +66,13 @@ def test_sam_trajectory_equals_pytorch_optimizer_sam(base, kwargs, tolerance):
     torch.manual_seed(0)
     ours = TinyViTLike()
     theirs, initial = copy.deepcopy(ours), copy.deepcopy(ours)
-    run_two_pass(ours, base(ours.parameters(), **kwargs), L2Perturbation(ours, rho=0.05), steps=8)
+    reference_loop(ours, lambda net: L2Perturbation(net, rho=0.05), [[make_batch(step)] for step in range(8)],
+                   make_optimizer=lambda parameters: base(parameters, **kwargs))
     run_peer_sam(theirs, peer_sam(theirs.parameters(), base, rho=0.05, **kwargs), steps=8)
-    deviation = max_difference(ours, theirs)
-    moved = max_difference(ours, initial)
+    deviation = max_weight_difference(ours, theirs)
+    moved = max_weight_difference(ours, initial)
     assert moved > 1e-3  # the trajectories did go somewhere
     assert deviation <= tolerance
-
-
-def max_difference(a: nn.Module, b: nn.Module) -> float:
-    with torch.no_grad():
-        return max(float((x - y).abs().max()) for x, y in zip(a.parameters(), b.parameters(), strict=True))
 
 
 def test_sam_on_selects_normalisation_layers_by_type_not_name():

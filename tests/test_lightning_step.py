@@ -3,35 +3,18 @@ import copy
 import pytest
 import torch
 from lightning.pytorch.plugins import MixedPrecision
-from torch import nn
 
-from lightning_helpers import Classifier, classification_data, loader, make_net, trainer
+from helpers import (
+    Classifier,
+    classification_data,
+    loader,
+    make_net,
+    max_weight_difference,
+    reference_loop,
+    trainer,
+)
 from lightning_nusam import SAM, SAMON, NuSAM, NuSAMNorm
 from lightning_nusam.perturbations import L2Perturbation, NuclearPerturbation
-
-
-def plain_two_pass_loop(net, perturbation_cls, rho, dataset, steps, batch_size=8, lr=0.05):
-    """The reference: the core's perturbation in a hand-written loop, no Lightning."""
-    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
-    perturbation = perturbation_cls(net, rho=rho) if perturbation_cls else None
-    inputs, labels = dataset.tensors
-    for step in range(steps):
-        x = inputs[step * batch_size : (step + 1) * batch_size]
-        y = labels[step * batch_size : (step + 1) * batch_size]
-        nn.functional.cross_entropy(net(x), y).backward()
-        if perturbation is not None:
-            perturbation.perturb()
-            net.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(net(x), y).backward()
-            perturbation.restore()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return net
-
-
-def max_weight_difference(a: nn.Module, b: nn.Module) -> float:
-    with torch.no_grad():
-        return max(float((x - y).abs().max()) for x, y in zip(a.parameters(), b.parameters(), strict=True))
 
 
 @pytest.mark.parametrize(
@@ -41,8 +24,10 @@ def max_weight_difference(a: nn.Module, b: nn.Module) -> float:
 def test_lightning_step_equals_plain_pytorch_loop(callback, perturbation_cls):
     dataset = classification_data()
     module = Classifier()
-    reference = plain_two_pass_loop(copy.deepcopy(module.net), perturbation_cls,
-                                    callback.rho if callback else 0, dataset, steps=6)
+    inputs, labels = dataset.tensors
+    batches = [[(inputs[i:i + 8], labels[i:i + 8])] for i in range(0, 48, 8)]
+    make = (lambda net: perturbation_cls(net, rho=callback.rho)) if callback else None
+    reference = reference_loop(copy.deepcopy(module.net), make, batches)
     trainer(callbacks=[callback] if callback else []).fit(module, loader(dataset))
     assert module.global_step == 6
     assert module.loss_calls == (12 if callback else 6)

@@ -180,7 +180,7 @@ def test_classifier_schedule_spans_the_optimizer_steps_of_the_fit(tmp_path, accu
     schedule must still get the real number of optimizer steps (the mixin's accumulation too)."""
     import lightning as L
 
-    from lightning_helpers import write_fake_cifar
+    from helpers import write_fake_cifar
 
     data = CIFARDataModule(npz_dir=str(write_fake_cifar(tmp_path, train=64, test=16)), batch_size=8,
                            num_workers=0)

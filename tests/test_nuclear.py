@@ -4,9 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TinyViTLike, first_pass
+from helpers import TinyViTLike, first_pass, matrix_with_gap
 from lightning_nusam.perturbations import L2Perturbation, NuclearNormalizedPerturbation, NuclearPerturbation
-from test_power_iteration import matrix_with_gap
 
 MATRICES = ["blocks.0.fc1.weight", "blocks.0.fc2.weight", "blocks.1.fc1.weight",
             "blocks.1.fc2.weight", "head.weight"]

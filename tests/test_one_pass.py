@@ -6,17 +6,17 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins import MixedPrecision
 
-from lightning_helpers import (
+from helpers import (
     Classifier,
     PlainClassifier,
     classification_data,
     loader,
+    max_weight_difference,
     resumable_fit,
     same_weights,
     trainer,
 )
 from lightning_nusam import SAM, SAMON, GaussSAM, NuSAM, NuSAMNorm
-from test_lightning_step import max_weight_difference
 
 
 class Observer(Callback):

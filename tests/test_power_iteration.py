@@ -1,14 +1,7 @@
 import torch
 
+from helpers import matrix_with_gap
 from lightning_nusam.perturbations import batched_power_iteration, power_iteration
-
-
-def matrix_with_gap(n: int, m: int, singular_values: list[float], seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    left, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
-    right, _ = torch.linalg.qr(torch.randn(m, m, generator=generator, dtype=torch.float64))
-    k = len(singular_values)
-    return left[:, :k] @ torch.diag(torch.tensor(singular_values, dtype=torch.float64)) @ right[:, :k].T
 
 
 def test_converges_to_top_singular_pair_of_svd():

@@ -12,8 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from conftest import TinyViTLike, first_pass
-from lightning_helpers import Classifier, PlainClassifier, classification_data, loader, trainer
+from helpers import Classifier, PlainClassifier, TinyViTLike, classification_data, first_pass, loader, trainer
 from lightning_nusam import SAM, GaussSAM, NuSAM, SAMMixin
 from lightning_nusam.perturbations import GaussianPerturbation, L2Perturbation, NuclearPerturbation
 
@@ -38,7 +37,7 @@ def test_mixin_with_its_own_training_step_is_refused_at_construction():
 def test_callbacks_take_a_string_as_one_pattern():
     model = TinyViTLike()
     nusam = NuSAM(rho=0.1, include="blocks.*")
-    assert nusam.include == ["blocks.*"]
+    assert nusam.perturbation_options["include"] == ("blocks.*",)
     assert nusam.make_perturbation(model).parameter_names == [
         f"blocks.{b}.{layer}.weight" for b in (0, 1) for layer in ("fc1", "fc2")]
     sam = SAM(rho=0.1, exclude="head.bias")

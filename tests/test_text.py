@@ -2,6 +2,7 @@
 GLUE-layout files for every task, the GLUE configs through the CLI, a user-style module with the
 drop-in callback, the save_pretrained round trip, caching and dynamic padding."""
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_helpers import trainer
+from helpers import trainer
 from lightning_nusam import SAM, NuSAM
 from lightning_nusam.cli import cli_main
 from lightning_nusam.data import GLUE_TASKS, TextClassificationDataModule
@@ -117,7 +118,7 @@ def test_every_glue_config_trains_through_the_cli(task, glue, tiny_bert, tmp_pat
                     f"--data.init_args.data_dir={glue / folder}", "--data.init_args.batch_size=4",
                     f"--data.init_args.cache_dir={tmp_path / 'cache'}"], run=False)
     sam = next(cb for cb in cli.trainer.callbacks if isinstance(cb, NuSAM))
-    sam.start_fraction = None  # perturb from the first of the three steps
+    sam.schedule = dataclasses.replace(sam.schedule, start_fraction=None)  # perturb from the first step
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 3 and sam.perturbation.steps == 3
     assert cli.model.num_labels == GLUE_TASKS[task].num_labels

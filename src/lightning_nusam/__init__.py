@@ -20,7 +20,7 @@ _LAZY = {
     "NuSAMNorm": "lightning_nusam.callbacks",
     "SharpnessAwareCallback": "lightning_nusam.callbacks",
     "SAMMixin": "lightning_nusam.module",
-    "sam_pass": "lightning_nusam.step",
+    "sam_pass": "lightning_nusam.callbacks",
     "GaussianPerturbation": "lightning_nusam.perturbations",
     "L2Perturbation": "lightning_nusam.perturbations",
     "NormLayerPerturbation": "lightning_nusam.perturbations",
@@ -48,7 +48,15 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from lightning_nusam.callbacks import SAM, SAMON, GaussSAM, NuSAM, NuSAMNorm, SharpnessAwareCallback
+    from lightning_nusam.callbacks import (
+        SAM,
+        SAMON,
+        GaussSAM,
+        NuSAM,
+        NuSAMNorm,
+        SharpnessAwareCallback,
+        sam_pass,
+    )
     from lightning_nusam.module import SAMMixin
     from lightning_nusam.perturbations import (
         GaussianPerturbation,
@@ -58,7 +66,6 @@ if TYPE_CHECKING:
         NuclearPerturbation,
         Perturbation,
     )
-    from lightning_nusam.step import sam_pass
 
 
 def __getattr__(name: str) -> Any:

@@ -1,31 +1,56 @@
-"""Lightning callbacks: the sharpness-aware method, when it perturbs, and with which radius.
+"""Lightning callbacks: the sharpness-aware methods, their schedule, and the drop-in.
 
-Put one callback on the ``Trainer``. On an ordinary LightningModule (its own ``training_step``,
-automatic optimization) the callback runs the two-pass step itself around Lightning's
-optimizer step (the *drop-in*); on a module that mixes in :class:`~lightning_nusam.SAMMixin`
-the mixin runs it. Both use :mod:`lightning_nusam.step`; the callback decides, each step,
-whether it perturbs and with which radius (:meth:`SharpnessAwareCallback.plan_step`).
+Put one callback on the ``Trainer``. Its options are the method's, declared once on its
+perturbation class (:class:`NuSAM` takes those of
+:class:`~lightning_nusam.perturbations.NuclearPerturbation`), followed by the options common to
+all methods (the start, ``every_n_steps``, ρ schedules, DDP, BatchNorm, random draws). Each
+step is planned by :func:`lightning_nusam.policy.plan_step` and run by a
+:class:`~lightning_nusam.engine.StepEngine`:
 
-The drop-in's driver is :class:`lightning_nusam.dropin.DropIn`; these hooks hand over to it.
+- on an ordinary LightningModule (its own ``training_step``, automatic optimization) this
+  callback runs the step around Lightning's own (the *drop-in*), through public extension points
+  only: ``on_train_batch_start`` opens the micro-batch's first pass, a ``torch.optim`` step
+  pre-hook hands the optimizer a closure that runs the remaining first pass, ``perturb()`` and
+  the second passes (the last one through Lightning's own closure, so that its hooks, clipping
+  and reported loss are Lightning's), ``on_after_backward`` removes ``ε`` right after the last
+  backward, and ``on_train_batch_end`` closes the step and logs it;
+- on a module that mixes in :class:`~lightning_nusam.SAMMixin` the mixin runs the same engine.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import (
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    ParallelStrategy,
+)
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
-from lightning_nusam.checks import check_count, check_flag, check_fraction, check_rho
-from lightning_nusam.dropin import DropIn
+from lightning_nusam import policy
+from lightning_nusam.checks import check_choice, check_count, check_flag
+from lightning_nusam.engine import (
+    DEFAULT_RESYNC_EVERY,
+    PLAIN_STEP,
+    BatchNormUpdate,
+    PassName,
+    StepEngine,
+    StepPlan,
+    StepResult,
+)
 from lightning_nusam.perturbations import (
-    DEFAULT_NUCLEAR_EXCLUDE,
     GaussianPerturbation,
     L2Perturbation,
     NormLayerPerturbation,
@@ -33,31 +58,24 @@ from lightning_nusam.perturbations import (
     NuclearPerturbation,
     Perturbation,
 )
-from lightning_nusam.perturbations.selection import as_patterns
-from lightning_nusam.step import (
-    BatchNormUpdate,
-    DrivesTheStep,
-    SharpnessAwareStep,
-    StepPlan,
-    optimizer_needs_closure,
-    planned_optimizer_steps,
-)
 
-RhoSchedule = Literal["constant", "linear", "cosine", "lr"]
-
-#: Default interval (optimizer steps) at which m-SAM re-broadcasts rank 0's weights; see
-#: :meth:`SharpnessAwareCallback.maybe_resynchronize`.
-DEFAULT_RESYNC_EVERY = 100
+if TYPE_CHECKING:
+    from lightning.pytorch.core.optimizer import LightningOptimizer
 
 #: Strategies that shard gradients: with gradient sync disabled they leave them empty (no m-SAM).
-_SHARDED_STRATEGIES = ("ModelParallelStrategy", "FSDPStrategy", "DeepSpeedStrategy")
+SHARDED_STRATEGIES = (ModelParallelStrategy, FSDPStrategy, DeepSpeedStrategy)
 
 
 class SharpnessAwareCallback(Callback):
-    """Base class of the sharpness-aware callbacks: start, schedules, DDP mode, state, drop-in.
+    """Base class of the sharpness-aware callbacks: the schedule, the step options, checkpoint
+    state and the drop-in. A method is a subclass naming its perturbation class::
+
+        class NuSAM(SharpnessAwareCallback):
+            perturbation_class = NuclearPerturbation
+
+    and takes that class's options (everything but ``model``) followed by these.
 
     Args:
-        rho: the perturbation radius ρ ≥ 0.
         start_epoch: first epoch (0-based) with perturbation; before it steps are plain
             one-pass steps. Exclusive with ``start_fraction``.
         start_fraction: start after this fraction of the planned optimizer steps (from
@@ -70,8 +88,9 @@ class SharpnessAwareCallback(Callback):
         rho_schedule: the radius in force at each perturbed step: ``"constant"`` (``rho``);
             ``"linear"`` or ``"cosine"`` from ``rho`` at the first step after the start to
             ``rho_final`` at the last planned step (the number of steps must be known);
-            ``"lr"``: ``rho · lr_t / lr_0``, the learning rate of the first parameter group
-            over its value at the first step after the start.
+            ``"lr"``: ``rho · min(1, lr_t / lr_base)`` for the first parameter group, ``lr_base``
+            its base learning rate (the scheduler's ``max_lr`` or ``initial_lr``, else the
+            learning rate at the first perturbed step), so a warm-up never enlarges it.
         rho_final: the end point of the ``"linear"``/``"cosine"`` schedules (default 0).
         one_pass: experimental, νSAM/νSAM-Norm/GaussSAM only: a perturbed step runs one
             forward/backward pass at ``w + ε_t`` with ``ε_t`` from the direction estimated on
@@ -84,68 +103,82 @@ class SharpnessAwareCallback(Callback):
             steps rank 0's weights are broadcast so the ranks stay identical. ``0`` disables it.
         batchnorm_update: which pass updates BatchNorm running statistics: ``"first"`` (the
             unperturbed weights, default), ``"second"`` or ``"both"``.
+        same_random_draws: both passes of a micro-batch see the same random draws (dropout
+            masks, ``torch.rand`` or numpy/random draws in ``training_step``), and the random
+            stream after the step is that of a plain step; ``False`` lets the second pass draw
+            new ones.
+        **perturbation_options: the options of ``perturbation_class`` (``rho`` and the method's).
     """
+
+    #: The method: built for the module with ``perturbation_class(module, **perturbation_options)``.
+    perturbation_class: ClassVar[type[Perturbation]]
 
     def __init__(
         self,
-        rho: float,
         *,
         start_epoch: int | None = None,
         start_fraction: float | None = None,
         every_n_steps: int = 1,
-        rho_schedule: RhoSchedule = "constant",
+        rho_schedule: policy.RhoSchedule = "constant",
         rho_final: float | None = None,
         one_pass: bool = False,
         sync_first_pass: bool = True,
         resync_every: int = DEFAULT_RESYNC_EVERY,
         batchnorm_update: BatchNormUpdate = "first",
+        same_random_draws: bool = True,
+        **perturbation_options: Any,
     ) -> None:
-        self.rho = check_rho(rho)
-        if start_epoch is not None and start_fraction is not None:
-            raise ValueError("pass either `start_epoch` or `start_fraction`, not both")
-        self.start_epoch = (None if start_epoch is None
-                            else check_count("start_epoch", start_epoch, 0, whole_floats=True))
-        self.start_fraction = (None if start_fraction is None
-                               else check_fraction("start_fraction", start_fraction))
-        self.every_n_steps = check_count("every_n_steps", every_n_steps, 1, whole_floats=True)
-        if rho_schedule not in ("constant", "linear", "cosine", "lr"):
-            raise ValueError(
-                f"`rho_schedule` must be 'constant', 'linear', 'cosine' or 'lr', got {rho_schedule!r}"
-            )
-        if rho_final is not None and rho_schedule not in ("linear", "cosine"):
-            raise ValueError(f"`rho_final` only applies to rho_schedule 'linear' or 'cosine', not "
-                             f"{rho_schedule!r}")
-        self.rho_schedule = rho_schedule
-        self.rho_final = 0.0 if rho_final is None else check_rho(rho_final)
-        self.one_pass = check_flag("one_pass", one_pass)
+        if not hasattr(type(self), "perturbation_class"):
+            raise TypeError(f"{type(self).__name__} names no perturbation_class: subclass "
+                            "SharpnessAwareCallback with `perturbation_class = ...`, or use NuSAM, SAM, ...")
+        #: the perturbation's options as given (checked); its own defaults apply to the others
+        self.perturbation_options = self.perturbation_class.check_options(perturbation_options)
+        rho = self.perturbation_options.get(
+            "rho", inspect.signature(self.perturbation_class).parameters["rho"].default)
+        self.schedule = policy.Schedule(rho=rho, start_epoch=start_epoch, start_fraction=start_fraction,
+                                        every_n_steps=every_n_steps, rho_schedule=rho_schedule,
+                                        rho_final=rho_final, one_pass=one_pass)
         self.sync_first_pass = check_flag("sync_first_pass", sync_first_pass)
         self.resync_every = check_count("resync_every", resync_every, 0, whole_floats=True)
-        if batchnorm_update not in ("first", "second", "both"):
-            raise ValueError(
-                f"`batchnorm_update` must be 'first', 'second' or 'both', got {batchnorm_update!r}"
-            )
-        self.batchnorm_update = batchnorm_update
-        if self.one_pass and not self.sync_first_pass:
+        self.batchnorm_update = check_choice("batchnorm_update", batchnorm_update,
+                                             ("first", "second", "both"))
+        self.same_random_draws = check_flag("same_random_draws", same_random_draws)
+        if one_pass and not sync_first_pass:
             raise ValueError("`sync_first_pass` and `one_pass`: m-SAM (sync_first_pass=False) keeps the "
                              "first pass local, and a one-pass step has no first pass: drop one of them")
-        if self.one_pass and batchnorm_update != "first":
+        if one_pass and batchnorm_update != "first":
             raise ValueError("`batchnorm_update` chooses between two passes; with `one_pass=True` "
                              "the statistics come from the only pass: leave it at 'first'")
         self._perturbation: Perturbation | None = None
+        self._engine: StepEngine | None = None
         self._pending_state: Mapping[str, Any] | None = None
         self._pending_rng: list[dict[str, Any]] | None = None
-        self._start_step = 0
-        self._total_steps = math.inf
+        self._planned_steps = math.inf
         self._first_step: int | None = None  # the first optimizer step after the start
-        self._first_lr: float | None = None  # and its learning rate (rho_schedule="lr")
-        self._drop_in: DropIn | None = None  # the driver, on an automatic-optimization module
-        self.step = SharpnessAwareStep(self)
-        self.resyncs = 0
+        self._first_lr: float | None = None  # and its learning rate
+        self._restored_resyncs = 0
+        self._trainer: pl.Trainer | None = None
+        self._drop_in = False  # this callback drives the step (an automatic-optimization module)
+        self._inert = False  # nothing to do in this fit (no optimizer)
+        self._hook_handle: Any = None
+        self._stepped = False  # the optimizer stepped during the current micro-batch
+        self._own_pass = False  # a pass run by this callback (not by Lightning's closure) is running
+        self._lightning_ran_first_pass = False  # Lightning's closure ran this micro-batch's first pass
 
-    # ----------------------------------------------------------------------------- method
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "perturbation_class" in cls.__dict__ and "__init__" not in cls.__dict__:
+            cls.__init__ = _preset_init(cls)  # type: ignore[method-assign]
+
+    # ----------------------------------------------------------------------------- the method
+    @property
+    def rho(self) -> float:
+        """The radius ρ (before any schedule)."""
+        return self.schedule.rho
+
     def make_perturbation(self, module: nn.Module) -> Perturbation:
-        """Build this method's perturbation for ``module`` (subclasses)."""
-        raise NotImplementedError
+        """Build this method's perturbation for ``module``."""
+        return self.perturbation_class(module, **self.perturbation_options)
 
     @property
     def perturbation(self) -> Perturbation:
@@ -154,20 +187,35 @@ class SharpnessAwareCallback(Callback):
         return self._perturbation
 
     @property
-    def has_perturbation(self) -> bool:
-        return self._perturbation is not None
+    def engine(self) -> StepEngine:
+        """The engine that runs this fit's steps (set up by ``on_fit_start``)."""
+        if self._engine is None:
+            raise RuntimeError(f"{type(self).__name__} has no step engine before `Trainer.fit` set it up")
+        return self._engine
+
+    @property
+    def resyncs(self) -> int:
+        """m-SAM re-synchronisations of the weights so far."""
+        return self._engine.resyncs if self._engine is not None else 0
 
     @property
     def start_step(self) -> int | None:
         """The first optimizer step that perturbs (known after the start of training)."""
-        if self.start_epoch is not None:
+        if self.schedule.start_epoch is not None:
             return self._first_step
-        return self._start_step
+        return policy.start_step(self.schedule, self._planned_steps)
 
     # ----------------------------------------------------------------------------- setup
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        from lightning_nusam.module import SAMMixin
+
+        # state restored outside this fit (the Tuner's restore after lr_find) does not carry
+        # over; a resumed fit restores its checkpoint after setup
+        self._pending_state = self._pending_rng = None
+        self._restored_resyncs, self._engine, self._trainer = 0, None, None
         name = type(self).__name__
         others = [cb for cb in trainer.callbacks if isinstance(cb, SharpnessAwareCallback)]
         if len(others) > 1:
@@ -175,193 +223,262 @@ class SharpnessAwareCallback(Callback):
                 "more than one sharpness-aware callback on the Trainer "
                 f"({', '.join(type(cb).__name__ for cb in others)}): keep exactly one"
             )
-        self._drop_in = None if isinstance(pl_module, DrivesTheStep) else DropIn(self, trainer, pl_module)
-        if self._drop_in is None and pl_module.automatic_optimization:
+        self._drop_in = not isinstance(pl_module, SAMMixin)
+        if self._drop_in:
+            self._check_drop_in(trainer, pl_module)
+        elif pl_module.automatic_optimization:
             raise ValueError(
                 f"{name} with SAMMixin needs manual optimization, but {type(pl_module).__name__}"
                 ".automatic_optimization is True; SAMMixin sets it to False: do not set it back"
             )
-        strategy = type(trainer.strategy).__name__
-        if not self.sync_first_pass and strategy in _SHARDED_STRATEGIES:
+        if not self.sync_first_pass and isinstance(trainer.strategy, SHARDED_STRATEGIES):
             raise ValueError(
-                f"`sync_first_pass=False` (m-SAM) is not possible under {strategy}: with gradient sync "
-                "disabled a sharded strategy leaves the gradients empty; use DDP for m-SAM"
+                f"`sync_first_pass=False` (m-SAM) is not possible under {type(trainer.strategy).__name__}: "
+                "with gradient sync disabled a sharded strategy leaves the gradients empty; use DDP for m-SAM"
             )
         # Built here so that a model with nothing to perturb fails before training starts;
         # rebuilt in on_fit_start, once the strategy has moved (or sharded) the parameters.
         self._perturbation = self.make_perturbation(pl_module)
-        if self.one_pass and not self._perturbation.supports_one_pass:
+        if self.schedule.one_pass and not self._perturbation.supports_one_pass:
             raise ValueError(
                 f"`one_pass=True` is not available for {name}: its direction is the whole gradient, "
                 "which would have to be kept between steps (a copy of the weights); use NuSAM, "
                 "NuSAMNorm or GaussSAM with one_pass"
             )
 
+    def _check_drop_in(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        """Refuse, before the first step, what the drop-in cannot run, naming what to use instead."""
+        name, module_name = type(self).__name__, type(module).__name__
+        if not module.automatic_optimization:
+            raise ValueError(
+                f"{name} drives the step of a module with automatic optimization (the drop-in), or "
+                f"of one that mixes in lightning_nusam.SAMMixin; {module_name} uses manual optimization "
+                f"without the mixin. Write `class {module_name}(SAMMixin, LightningModule)` with "
+                "compute_loss(batch, batch_idx), or return the loss from training_step and let "
+                "Lightning optimize"
+            )
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            raise ValueError(
+                f"{name} on a module without SAMMixin cannot use precision='16-mixed': Lightning runs "
+                "the closure before optimizer.step() there, so the second pass cannot be added "
+                "without patching Lightning. Use precision='bf16-mixed', or mix "
+                "lightning_nusam.SAMMixin into the module (compute_loss instead of training_step), "
+                "which supports 16-mixed"
+            )
+        if trainer.strategy.handles_gradient_accumulation:
+            raise ValueError(f"{name} cannot drive the step of {type(trainer.strategy).__name__}, which "
+                             "runs its own optimizer step; use DDP or ModelParallelStrategy")
+        if "dataloader_iter" in inspect.signature(module.training_step).parameters:
+            raise ValueError(f"{name} replays batches and cannot drive a training_step that takes "
+                             "`dataloader_iter`; take (batch, batch_idx)")
+
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        name = type(self).__name__
         self._perturbation = self.make_perturbation(pl_module)
         if self._pending_state is not None:
-            self._perturbation.load_state_dict(self._pending_state)
+            self._load_perturbation_state(self._pending_state, trainer)
             self._pending_state = None
-        name = type(self).__name__
         if len(trainer.optimizers) != 1:
             raise ValueError(f"{name} needs exactly one optimizer; configure_optimizers returned "
                              f"{len(trainer.optimizers)}")
         optimizer = trainer.optimizers[0]
-        if optimizer_needs_closure(optimizer):
+        own = {id(p) for p in pl_module.parameters()}
+        self._inert = not any(id(p) in own for group in optimizer.param_groups for p in group["params"])
+        if self._inert:  # Lightning's no-optimizer mode (configure_optimizers returned None)
+            rank_zero_warn(f"{name}: there is no optimizer of {type(pl_module).__name__}'s parameters "
+                           "(configure_optimizers returned None?), so this fit takes no steps and "
+                           f"{name} does nothing")
+        elif optimizer_needs_closure(optimizer):
             raise ValueError(
                 f"{name} cannot wrap {type(optimizer).__name__}: it evaluates the loss several times "
                 "per step through a closure (LBFGS and the like). Use a first-order optimizer "
                 "(SGD, AdamW, ...)"
             )
-        self.step = SharpnessAwareStep(self)
-        if self._drop_in is not None:
-            self.step.accumulate_grad_batches = trainer.accumulate_grad_batches
-            self._drop_in.attach(optimizer)
-        else:
-            self.step.accumulate_grad_batches = pl_module.accumulate_grad_batches
+        self._engine = StepEngine(pl_module, self._perturbation, sync_first_pass=self.sync_first_pass,
+                                  batchnorm_update=self.batchnorm_update,
+                                  same_random_draws=self.same_random_draws, resync_every=self.resync_every)
+        self._engine.resyncs, self._trainer = self._restored_resyncs, trainer
+        if self._drop_in and not self._inert:
+            self._hook_handle = optimizer.register_step_pre_hook(self._before_optimizer_step)
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         name = type(self).__name__
-        self._total_steps = planned_optimizer_steps(trainer, self.step.accumulate_grad_batches)
-        unknown = not math.isfinite(self._total_steps)
-        if self.start_fraction is not None:
-            if unknown:
-                raise ValueError(
-                    f"{name}(start_fraction={self.start_fraction}) needs the number of training steps, "
-                    "which is unknown here (an IterableDataset without max_steps, or max_time only): "
-                    "pass `start_epoch` instead, or set Trainer(max_steps=...)"
-                )
-            self._start_step = math.ceil(self.start_fraction * self._total_steps)
-            if self._start_step >= self._total_steps:
-                rank_zero_warn(
-                    f"{name}: the perturbation starts at step {self._start_step} "
-                    f"(start_fraction={self.start_fraction}) but training has {self._total_steps} steps: "
-                    "it never runs"
-                )
-        elif self.start_epoch is not None:
-            max_epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else None
-            steps_per_epoch = math.ceil(trainer.num_training_batches / self.step.accumulate_grad_batches)
-            never = max_epochs is not None and self.start_epoch >= max_epochs
-            if not unknown and math.isfinite(steps_per_epoch):
-                never = never or self.start_epoch * steps_per_epoch >= self._total_steps
-            if never:
-                rank_zero_warn(
-                    f"{name}: start_epoch={self.start_epoch} is never reached "
-                    f"(max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps}): it never runs"
-                )
-        if self.rho_schedule in ("linear", "cosine") and unknown:
+        accumulate = trainer.accumulate_grad_batches if self._drop_in else pl_module.accumulate_grad_batches
+        self._planned_steps = planned_optimizer_steps(trainer, accumulate)
+        unknown = not math.isfinite(self._planned_steps)
+        schedule = self.schedule
+        if schedule.start_fraction is not None and unknown:
             raise ValueError(
-                f"{name}(rho_schedule={self.rho_schedule!r}) needs the number of training steps, which "
+                f"{name}(start_fraction={schedule.start_fraction}) needs the number of training steps, "
+                "which is unknown here (an IterableDataset without max_steps, or max_time only): "
+                "pass `start_epoch` instead, or set Trainer(max_steps=...)"
+            )
+        if schedule.rho_schedule in ("linear", "cosine") and unknown:
+            raise ValueError(
+                f"{name}(rho_schedule={schedule.rho_schedule!r}) needs the number of training steps, which "
                 "is unknown here: set Trainer(max_steps=...) or max_epochs with a sized dataset, or "
                 "use rho_schedule='constant' or 'lr'"
             )
+        start = policy.start_step(schedule, self._planned_steps)
+        if start is not None and start >= self._planned_steps:
+            rank_zero_warn(f"{name}: the perturbation starts at step {start} (start_fraction="
+                           f"{schedule.start_fraction}) but training has {self._planned_steps} steps: "
+                           "it never runs")
+        if schedule.start_epoch is not None:
+            max_epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else None
+            steps_per_epoch = math.ceil(trainer.num_training_batches / accumulate)
+            never = max_epochs is not None and schedule.start_epoch >= max_epochs
+            if not unknown and math.isfinite(steps_per_epoch):
+                never = never or schedule.start_epoch * steps_per_epoch >= self._planned_steps
+            if never:
+                rank_zero_warn(f"{name}: start_epoch={schedule.start_epoch} is never reached "
+                               f"(max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps}): "
+                               "it never runs")
         self._restore_rng(trainer)
 
     # ----------------------------------------------------------------------------- the plan
-    def is_active(self, trainer: pl.Trainer) -> bool:
-        """Whether the perturbation has started (it perturbs every ``every_n_steps`` from then)."""
-        if self.start_epoch is not None:
-            return trainer.current_epoch >= self.start_epoch
-        return trainer.global_step >= self._start_step
+    def has_started(self, trainer: pl.Trainer) -> bool:
+        """Whether the perturbation has started at ``trainer``'s current step (it perturbs every
+        ``every_n_steps`` from then)."""
+        counters = policy.Counters(trainer.global_step, trainer.current_epoch, self._planned_steps)
+        return not self._inert and policy.has_started(self.schedule, counters)
 
-    def plan_step(self, trainer: pl.Trainer) -> StepPlan:
-        """What the optimizer step at ``trainer.global_step`` does (asked at its first micro-batch)."""
-        if not self.is_active(trainer):
-            return StepPlan()
-        if self._first_step is None:
-            self._first_step = trainer.global_step
-            self._first_lr = float(trainer.optimizers[0].param_groups[0]["lr"])
-        perturb = trainer.global_step % self.every_n_steps == 0
-        if self.one_pass and not self.perturbation.has_direction:
-            perturb = False  # the first one-pass step primes the direction with a plain step
-        rho = self.radius(trainer) if perturb else 0.0
-        return StepPlan(perturb=perturb, rho=rho, one_pass=self.one_pass, estimate_after=self.one_pass)
-
-    def radius(self, trainer: pl.Trainer) -> float:
-        """The radius in force at ``trainer.global_step`` under ``rho_schedule``."""
-        if self.rho_schedule == "constant":
-            return self.rho
-        if self.rho_schedule == "lr":
-            first_lr = self._first_lr or 0.0
-            lr = float(trainer.optimizers[0].param_groups[0]["lr"])
-            return self.rho * lr / first_lr if first_lr > 0 else self.rho
-        first = self._first_step if self._first_step is not None else trainer.global_step
-        last = self._total_steps - 1
-        progress = min(1.0, max(0.0, (trainer.global_step - first) / max(1.0, last - first)))
-        if self.rho_schedule == "linear":
-            return self.rho + (self.rho_final - self.rho) * progress
-        return self.rho_final + (self.rho - self.rho_final) * (1 + math.cos(math.pi * progress)) / 2
-
-    def after_optimizer_step(self, trainer: pl.Trainer, module: pl.LightningModule, plan: StepPlan) -> None:
-        if plan.two_pass and not self.sync_first_pass:
-            self.maybe_resynchronize(trainer, module)
-
-    # ----------------------------------------------------------------------------- m-SAM
-    @torch.no_grad()
-    def maybe_resynchronize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
-        """Broadcast rank 0's weights every ``resync_every`` steps under m-SAM.
-
-        With per-rank ε, ``w + ε − ε`` leaves a different last-bit rounding on each rank; the
-        all-reduced second-pass gradients do not amplify it (every rank applies the same
-        update), so the difference is a random walk of about one ulp per step. One broadcast of
-        the weights costs as much as one gradient all-reduce: every 100 steps it adds about 1%
-        to m-SAM's communication and keeps the ranks within a few ulp of each other. Methods
-        whose restore is exact (SAM, SAM-ON, and νSAM/GaussSAM on bf16/fp16 weights) skip it.
-        """
-        perturbation = self.perturbation
-        if (
-            self.resync_every == 0
-            or perturbation.exact_restore
-            or trainer.world_size == 1
-            or not (dist.is_available() and dist.is_initialized())
-            or trainer.global_step % self.resync_every != 0
-        ):
-            return False
-        for parameter in pl_module.parameters():
-            dist.broadcast(parameter.data, src=0)
-        self.resyncs += 1
-        return True
+    def plan(self, trainer: pl.Trainer) -> StepPlan:
+        """The plan of the optimizer step at ``trainer.global_step`` (asked at its first
+        micro-batch), from :func:`lightning_nusam.policy.plan_step`."""
+        if self._inert or getattr(trainer.fit_loop, "_skip_backward", False):
+            # no optimizer, or an epoch in which Lightning runs no backward (SWA's BatchNorm update)
+            return PLAIN_STEP
+        group = trainer.optimizers[0].param_groups[0]
+        lr = float(group["lr"])
+        counters = policy.Counters(trainer.global_step, trainer.current_epoch, self._planned_steps, lr)
+        if self._first_step is None and policy.has_started(self.schedule, counters):
+            self._first_step, self._first_lr = trainer.global_step, lr
+        base_lr = float(group.get("max_lr", group.get("initial_lr", self._first_lr or 0.0)))
+        counters = policy.Counters(trainer.global_step, trainer.current_epoch, self._planned_steps, lr,
+                                   base_lr, self._first_step)
+        return policy.plan_step(self.schedule, counters, has_direction=self.perturbation.has_direction)
 
     # ----------------------------------------------------------------------------- drop-in
-    # On an automatic-optimization module these hooks hand over to the DropIn driver; on a
-    # SAMMixin module the mixin runs the step and they do nothing.
+    def _passes(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> _LightningPasses:
+        return _LightningPasses(self, trainer, optimizer)
+
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self._drop_in is not None:
-            self._drop_in.begin_micro_batch(trainer, pl_module, batch, batch_idx)
+        if not self._drop_in or self._inert:
+            return
+        accumulate = trainer.accumulate_grad_batches  # read each time: GradientAccumulationScheduler
+        last = (batch_idx + 1) % accumulate == 0 or trainer.is_last_batch
+        engine = self.engine
+        if not engine.in_step:
+            engine.begin(self.plan(trainer))
+        self._stepped = self._lightning_ran_first_pass = False
+        engine.open_first_pass(batch, batch_idx, last=last, no_sync=_no_sync(trainer.strategy))
 
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._drop_in or self._engine is None or not self._engine.in_step:
+            return
+        if not self._own_pass and self._engine.current_pass != "second":
+            self._lightning_ran_first_pass = True
+        self._engine.after_backward()  # the last backward of the second pass removes ε at once
+
+    @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
-        if self._drop_in is not None:
-            self._drop_in.before_clipping()
+        if self._drop_in and self._engine is not None and self._engine.in_step:
+            self._engine.before_optimizer_step()
 
+    def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: tuple,
+                               kwargs: dict) -> tuple[tuple, dict] | None:
+        """``torch.optim`` step pre-hook: on a two-pass step, hand the optimizer our closure."""
+        self._stepped = True
+        engine = self._engine
+        if engine is None or not engine.in_step or not engine.plan.two_pass:
+            return None
+        closure = kwargs.get("closure", args[0] if args else None)
+        if closure is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: optimizer.step() was called without a closure, so "
+                "the second pass cannot run (a precision plugin that steps outside the closure, such "
+                "as 16-mixed); mix lightning_nusam.SAMMixin into the module instead"
+            )
+
+        def sharpness_aware_closure() -> Any:
+            return self._two_passes(optimizer, closure)
+
+        if "closure" in kwargs or not args:
+            return args, {**kwargs, "closure": sharpness_aware_closure}
+        return (sharpness_aware_closure, *args[1:]), kwargs
+
+    def _two_passes(self, optimizer: torch.optim.Optimizer, lightning_closure: Callable[[], Any]) -> Any:
+        """The rest of a two-pass step, inside ``optimizer.step``: the last micro-batch's first pass
+        (unless the module's ``optimizer_step`` ran Lightning's closure itself), ``perturb()``, the
+        second passes, the last one through Lightning's closure, and ``restore()``."""
+        trainer, engine = self._trainer, self.engine
+        passes = self._passes(trainer, optimizer)
+        if self._lightning_ran_first_pass:
+            # optimizer_step ran the closure and then called optimizer.step() (without it, or with
+            # one already consumed): the first pass is done, so all second passes are ours and what
+            # is left of the closure (its hooks and clipping) runs after them
+            engine.close_pass()
+            engine.second_pass(passes, optimizer)
+            return lightning_closure()
+        batch, batch_idx = engine.micro_batches[-1]
+        if len(engine.micro_batches) == 1:  # the step starts here: clear the previous gradients
+            trainer.lightning_module.optimizer_zero_grad(trainer.current_epoch, batch_idx, optimizer)
+        loss = passes.forward_backward(batch, batch_idx)
+        if loss is not None:
+            engine.after_backward()
+            engine.record_loss(loss)
+        engine.close_pass()
+        result = engine.second_pass(passes, optimizer, last_pass=lightning_closure)
+        if isinstance(result, torch.Tensor):
+            engine.record_loss(result.detach() * trainer.accumulate_grad_batches, "second")
+        return result
+
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        if self._drop_in is not None:
-            self._drop_in.end_micro_batch(trainer, pl_module, outputs)
+        if not self._drop_in or self._engine is None or not self._engine.in_step:
+            return
+        engine = self._engine
+        engine.close_pass()
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else None
+        if isinstance(loss, torch.Tensor) and self._lightning_ran_first_pass:
+            engine.record_loss(loss.detach() * trainer.accumulate_grad_batches)
+        if self._stepped:
+            log_step(pl_module, engine.end(trainer.global_step), self.perturbation)
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._drop_in is not None:
-            self.step.abandon()  # a window the epoch ended without stepping (nothing to replay)
+        if self._drop_in and self._engine is not None:
+            self._engine.abandon()  # a window the epoch ended without stepping (nothing to replay)
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
-        if self._drop_in is not None:
-            self._drop_in.close_contexts()
-        if self._perturbation is not None:
-            self.step.abandon()  # never leave ε in the weights
+        if self._engine is not None:
+            self._engine.abandon()  # never leave ε in the weights
+        elif self._perturbation is not None:
+            self._perturbation.restore()
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._drop_in is not None and stage == "fit":
-            self._drop_in.detach()
+        if stage == "fit" and self._hook_handle is not None:
+            self._hook_handle.remove()
+            self._hook_handle = None
 
     # ----------------------------------------------------------------------------- state
+    @override
     def state_dict(self) -> dict[str, Any]:
         """The perturbation's state, the schedule's anchors and each rank's RNG states (dropout),
         for an exact resume. Under DDP every rank's RNG state is gathered (a collective call)."""
         state: dict[str, Any] = {
             "resyncs": self.resyncs,
-            "start_step": self._start_step,
             "first_step": self._first_step,
             "first_lr": self._first_lr,
             "rng": self._gather_rng(),
@@ -370,16 +487,29 @@ class SharpnessAwareCallback(Callback):
             state["perturbation"] = self._perturbation.state_dict()
         return state
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.resyncs = int(state_dict.get("resyncs", 0))
+        self._restored_resyncs = int(state_dict.get("resyncs", 0))
+        if self._engine is not None:
+            self._engine.resyncs = self._restored_resyncs
         self._first_step = state_dict.get("first_step")
         self._first_lr = state_dict.get("first_lr")
         if "perturbation" in state_dict:
-            if self._perturbation is not None:
-                self._perturbation.load_state_dict(state_dict["perturbation"])
-            self._pending_state = state_dict["perturbation"]  # re-applied after on_fit_start's rebuild
+            if self._engine is not None:  # restored after on_fit_start (some strategies do)
+                self._load_perturbation_state(state_dict["perturbation"], self._trainer)
+            else:
+                self._pending_state = state_dict["perturbation"]  # applied by on_fit_start
         # Restored only when a fit resumes (on_train_start), never for validate/test/predict.
         self._pending_rng = state_dict.get("rng")
+
+    def _load_perturbation_state(self, state: Mapping[str, Any], trainer: pl.Trainer | None) -> None:
+        try:
+            self._perturbation.load_state_dict(state)
+        except ValueError as error:
+            checkpoint = trainer.ckpt_path if trainer is not None else None
+            where = f"the checkpoint {checkpoint}" if checkpoint else "the checkpoint"
+            raise ValueError(f"{type(self).__name__} cannot resume from {where}: {error}. Resume with "
+                             "the options it was written with") from error
 
     @staticmethod
     def _rng_state() -> dict[str, Any]:
@@ -411,24 +541,148 @@ class SharpnessAwareCallback(Callback):
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class _LightningPasses:
+    """The drop-in's passes: the user's ``training_step`` through the strategy (its DDP forward and
+    precision) and ``Strategy.backward`` (Lightning's backward hooks), the loss divided by ``k``."""
+
+    def __init__(self, callback: SharpnessAwareCallback, trainer: pl.Trainer,
+                 optimizer: torch.optim.Optimizer) -> None:
+        self.callback, self.trainer, self.optimizer = callback, trainer, optimizer
+
+    def forward_backward(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        strategy, self.callback._own_pass = self.trainer.strategy, True
+        try:
+            output = strategy.training_step(batch, batch_idx)
+            loss = output.get("loss") if isinstance(output, Mapping) else output
+            if loss is None:
+                return None
+            strategy.backward(loss / self.trainer.accumulate_grad_batches, self.optimizer)
+            return loss.detach()
+        finally:
+            self.callback._own_pass = False
+
+    def no_sync(self) -> contextlib.AbstractContextManager[Any]:
+        return _no_sync(self.trainer.strategy)()
+
+
+def _no_sync(strategy: pl.strategies.Strategy) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+    """The strategy's context without gradient all-reduce (nothing to block without one)."""
+    if isinstance(strategy, ParallelStrategy):
+        return strategy.block_backward_sync
+    return contextlib.nullcontext
+
+
+def _preset_init(cls: type[SharpnessAwareCallback]) -> Callable[..., None]:
+    """``__init__`` of a method preset: its perturbation class's options (with their kinds and
+    defaults, ``model`` left out), then the common ones, as one signature that Python, the docs and
+    LightningCLI's ``--help`` read; the documentation of both, joined."""
+    own = [p for name, p in inspect.signature(cls.perturbation_class).parameters.items() if name != "model"]
+    common = [p for p in inspect.signature(SharpnessAwareCallback.__init__).parameters.values()
+              if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    self_parameter = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    signature = inspect.Signature([self_parameter, *own, *common])
+
+    def __init__(self: SharpnessAwareCallback, *args: Any, **kwargs: Any) -> None:
+        arguments = signature.bind(self, *args, **kwargs).arguments
+        arguments.pop("self")
+        SharpnessAwareCallback.__init__(self, **arguments)
+
+    __init__.__signature__ = signature  # type: ignore[attr-defined]
+    __init__.__qualname__ = f"{cls.__name__}.__init__"
+    __init__.__doc__ = (
+        f"The options of :class:`{cls.perturbation_class.__module__}.{cls.perturbation_class.__name__}` "
+        "(the method), then those of :class:`SharpnessAwareCallback` (the schedule and the step).\n\n"
+        "Args:\n" + _args_section(cls.perturbation_class.__doc__, skip=("model",))
+        + _args_section(SharpnessAwareCallback.__doc__, skip=("**perturbation_options",))
+    )
+    return __init__
+
+
+def _args_section(doc: str | None, skip: tuple[str, ...] = ()) -> str:
+    """The entries of a Google-style ``Args:`` section, without those named in ``skip``."""
+    lines = inspect.cleandoc(doc or "").splitlines()
+    if "Args:" not in lines:
+        return ""
+    entries: list[list[str]] = []
+    for line in lines[lines.index("Args:") + 1:]:
+        if not line.strip():
+            break
+        if line.startswith("    ") and not line.startswith("        "):
+            entries.append([line])
+        elif entries:
+            entries[-1].append(line)
+    kept = [entry for entry in entries if entry[0].strip().split(":")[0].split(" ")[0] not in skip]
+    return "".join(line + "\n" for entry in kept for line in entry)
+
+
+def planned_optimizer_steps(trainer: pl.Trainer, accumulate_grad_batches: int = 1) -> float:
+    """Optimizer steps this fit will take, ``inf`` when unknown.
+
+    Lightning's ``estimated_stepping_batches`` (which loads the training data when it has not
+    yet, so it works inside ``configure_optimizers``) with two differences: the accumulation is
+    the given one (the mixin accumulates under manual optimization, where the Trainer's is 1),
+    and an unknown total (an ``IterableDataset`` without ``max_steps``, ``max_time`` only) is
+    ``inf``, never ``max_steps = -1``.
+    """
+    estimate = trainer.estimated_stepping_batches
+    if estimate == -1:
+        return math.inf
+    unlimited_epochs = trainer.max_epochs in (None, -1)  # then the estimate is max_steps (or inf)
+    if accumulate_grad_batches == trainer.accumulate_grad_batches or unlimited_epochs \
+            or not math.isfinite(estimate):
+        return estimate
+    max_steps = trainer.max_steps if trainer.max_steps not in (None, -1) else math.inf
+    batches = trainer.num_training_batches  # known now: estimated_stepping_batches loaded the data
+    if not math.isfinite(batches):
+        return max_steps
+    per_epoch = math.ceil(batches / accumulate_grad_batches)
+    return min(per_epoch * max(trainer.max_epochs or 1, 1), max_steps)
+
+
+def optimizer_needs_closure(optimizer: torch.optim.Optimizer | LightningOptimizer) -> bool:
+    """Closure-driven optimizers (LBFGS) evaluate the loss several times per ``step``."""
+    if isinstance(optimizer, torch.optim.LBFGS):
+        return True
+    closure = inspect.signature(type(optimizer).step).parameters.get("closure")
+    return closure is not None and closure.default is inspect.Parameter.empty
+
+
+def sam_pass(module: pl.LightningModule) -> PassName | None:
+    """Which pass of a two-pass step is running: ``"first"`` (at ``w``), ``"second"`` (at
+    ``w + ε``), or None (the only pass of a plain or one-pass step, or no sharpness-aware
+    callback). For ``training_step``/``compute_loss`` code that should run once per step, e.g.
+    ``if sam_pass(self) != "second": self.log("train_loss", loss)``."""
+    try:
+        trainer = module.trainer
+    except RuntimeError:  # not attached to a Trainer
+        return None
+    if trainer is None:
+        return None
+    for callback in trainer.callbacks:
+        if isinstance(callback, SharpnessAwareCallback) and callback._engine is not None:
+            return callback._engine.current_pass
+    return None
+
+
+def log_step(module: pl.LightningModule, result: StepResult, perturbation: Perturbation) -> None:
+    """Log what a step did, on step and epoch: ``sam/active`` (ε was applied), ``sam/rho`` (the
+    radius applied, 0 when none), ``sam/loss_perturbed`` and ``sam/sharpness`` (second − first
+    pass loss, two-pass steps) and ``sam/skipped_steps`` (non-finite gradients)."""
+    log: dict[str, Any] = {"on_step": True, "on_epoch": True}
+    module.log("sam/active", float(result.perturbed), **log)
+    module.log("sam/rho", float(result.plan.rho) if result.perturbed else 0.0, **log)
+    if result.plan.two_pass and result.first_loss is not None and result.second_loss is not None:
+        module.log("sam/loss_perturbed", result.second_loss, **log)
+        module.log("sam/sharpness", result.second_loss - result.first_loss, **log)
+    module.log("sam/skipped_steps", perturbation.skipped_count, reduce_fx="max", **log)
+
+
 class NuSAM(SharpnessAwareCallback):
     """νSAM (the paper's Algorithm 1): a rank-1 perturbation ``ρ u vᵀ`` per weight matrix.
 
-    Args:
-        rho: radius ρ (nuclear norm of each matrix's perturbation).
-        power_iterations: T of Algorithm 2 (the paper: 1, warm-started).
-        include: name patterns (or one pattern as a string): only matching matrices are
-            perturbed (default: all 2-D weights), see
-            :class:`~lightning_nusam.perturbations.NuclearPerturbation`.
-        exclude: name patterns (or one pattern as a string) never perturbed (default:
-            position embeddings and class tokens).
-        include_conv: perturb convolution kernels too, as ``(out, in·kh·kw)`` matrices.
-        include_embeddings: perturb embedding tables (``nn.Embedding``) too.
-        batched: ``"auto"`` (batched ``bmm`` for small repeated shapes, a loop for the rest),
-            ``True`` or ``False``; see :class:`~lightning_nusam.perturbations.NuclearPerturbation`.
-        seed: seed of the initial vectors ``u``.
-        **kwargs: the options of :class:`SharpnessAwareCallback` (start, ``every_n_steps``,
-            ``rho_schedule``, ``one_pass``, DDP, BatchNorm).
+    Takes the options of :class:`~lightning_nusam.perturbations.NuclearPerturbation` (``rho``,
+    ``power_iterations``, ``include``, ``exclude``, ``include_conv``, ...), then the common ones
+    of :class:`SharpnessAwareCallback`.
 
     Example:
         >>> import lightning as L
@@ -442,50 +696,14 @@ class NuSAM(SharpnessAwareCallback):
               init_args: {rho: 0.1, start_fraction: 0.1}
     """
 
-    perturbation_class: type[NuclearPerturbation] = NuclearPerturbation
-
-    def __init__(
-        self,
-        rho: float = 0.05,
-        power_iterations: int = 1,
-        *,
-        include: Sequence[str] | str | None = None,
-        exclude: Sequence[str] | str = DEFAULT_NUCLEAR_EXCLUDE,
-        include_conv: bool = False,
-        include_embeddings: bool = False,
-        batched: bool | Literal["auto"] = "auto",
-        seed: int = 0,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(rho, **kwargs)
-        self.power_iterations = check_count("power_iterations", power_iterations, 1, whole_floats=True)
-        self.include = None if include is None else list(as_patterns("include", include))
-        self.exclude = list(as_patterns("exclude", exclude))
-        self.include_conv = check_flag("include_conv", include_conv)
-        self.include_embeddings = check_flag("include_embeddings", include_embeddings)
-        if batched not in (True, False, "auto"):
-            raise ValueError(f"`batched` must be True, False or 'auto', got {batched!r}")
-        self.batched = batched
-        self.seed = seed
-
-    def make_perturbation(self, module: nn.Module) -> Perturbation:
-        return self.perturbation_class(
-            module,
-            rho=self.rho,
-            power_iterations=self.power_iterations,
-            include=self.include,
-            exclude=self.exclude,
-            include_conv=self.include_conv,
-            include_embeddings=self.include_embeddings,
-            batched=self.batched,
-            seed=self.seed,
-        )
+    perturbation_class = NuclearPerturbation
 
 
-class NuSAMNorm(NuSAM):
+class NuSAMNorm(SharpnessAwareCallback):
     """νSAM-Norm (Appendix C.1): matrix ``i`` perturbed by ``ρ σᵢ uᵢvᵢᵀ / √Σⱼσⱼ²``.
 
-    Takes the same arguments as :class:`NuSAM`.
+    Takes the options of :class:`~lightning_nusam.perturbations.NuclearNormalizedPerturbation`
+    (those of νSAM), then the common ones.
 
     Example:
         >>> callback = NuSAMNorm(rho=0.05, start_fraction=0.1)
@@ -498,15 +716,8 @@ class SAM(SharpnessAwareCallback):
     """SAM: ``ε = ρ g / ‖g‖₂`` over every parameter with a gradient (keeps a copy of them);
     with ``adaptive=True`` ASAM, ``ε = ρ T² g / ‖T g‖₂`` with ``T = |w| + adaptive_eta``.
 
-    Args:
-        rho: radius ρ of the ℓ2 ball.
-        include: name patterns (or one pattern as a string): only matching parameters are
-            perturbed (default: all).
-        exclude: name patterns (or one pattern as a string) never perturbed.
-        adaptive: ASAM, ``ε = ρ T² g / ‖T g‖₂`` with ``T = |w| + adaptive_eta``; see
-            :class:`~lightning_nusam.perturbations.L2Perturbation`.
-        adaptive_eta: η ≥ 0 of ASAM's ``T``.
-        **kwargs: the options of :class:`SharpnessAwareCallback`.
+    Takes the options of :class:`~lightning_nusam.perturbations.L2Perturbation`, then the common
+    ones.
 
     Example:
         >>> import lightning as L
@@ -514,68 +725,33 @@ class SAM(SharpnessAwareCallback):
         >>> asam = SAM(rho=0.5, adaptive=True)
     """
 
-    def __init__(
-        self,
-        rho: float = 0.05,
-        *,
-        include: Sequence[str] | str | None = None,
-        exclude: Sequence[str] | str = (),
-        adaptive: bool = False,
-        adaptive_eta: float = 0.0,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(rho, **kwargs)
-        self.include = None if include is None else list(as_patterns("include", include))
-        self.exclude = list(as_patterns("exclude", exclude))
-        self.adaptive = check_flag("adaptive", adaptive)
-        if isinstance(adaptive_eta, bool) or not isinstance(adaptive_eta, int | float) \
-                or not adaptive_eta >= 0:
-            raise ValueError(f"`adaptive_eta` must be a number >= 0, got {adaptive_eta!r}")
-        self.adaptive_eta = float(adaptive_eta)
-
-    def make_perturbation(self, module: nn.Module) -> Perturbation:
-        return L2Perturbation(module, rho=self.rho, include=self.include, exclude=self.exclude,
-                              adaptive=self.adaptive, adaptive_eta=self.adaptive_eta)
+    perturbation_class = L2Perturbation
 
 
 class SAMON(SharpnessAwareCallback):
     """SAM-ON: SAM on the parameters of normalization layers only (found by module type).
 
-    Args:
-        rho: radius ρ of the ℓ2 ball over the normalisation parameters.
-        **kwargs: the options of :class:`SharpnessAwareCallback`.
+    Takes the options of :class:`~lightning_nusam.perturbations.NormLayerPerturbation` (ρ
+    defaults to 0.5 there), then the common ones.
 
     Example:
         >>> import lightning as L
         >>> trainer = L.Trainer(callbacks=[SAMON(rho=0.5)], logger=False)
     """
 
-    def __init__(self, rho: float = 0.5, **kwargs: Any) -> None:
-        super().__init__(rho, **kwargs)
-
-    def make_perturbation(self, module: nn.Module) -> Perturbation:
-        return NormLayerPerturbation(module, rho=self.rho)
+    perturbation_class = NormLayerPerturbation
 
 
 class GaussSAM(SharpnessAwareCallback):
     """GaussSAM (ablation, the paper's Figure 1): ``ε = ρ e / ‖e‖₂`` with Gaussian ``e``.
 
     The direction ignores the gradient, so ``one_pass=True`` gives the same method without the
-    unneeded first pass.
-
-    Args:
-        rho: radius ρ.
-        seed: seed of the noise (step ``k`` draws from ``seed·1000003 + k``).
-        **kwargs: the options of :class:`SharpnessAwareCallback`.
+    unneeded first pass. Takes the options of
+    :class:`~lightning_nusam.perturbations.GaussianPerturbation`, then the common ones.
 
     Example:
         >>> import lightning as L
         >>> trainer = L.Trainer(callbacks=[GaussSAM(rho=0.05, seed=1)], logger=False)
     """
 
-    def __init__(self, rho: float = 0.05, *, seed: int = 0, **kwargs: Any) -> None:
-        super().__init__(rho, **kwargs)
-        self.seed = seed
-
-    def make_perturbation(self, module: nn.Module) -> Perturbation:
-        return GaussianPerturbation(module, rho=self.rho, seed=self.seed)
+    perturbation_class = GaussianPerturbation

@@ -46,7 +46,7 @@ class StepTimer(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx
     ) -> None:
         sam = [cb for cb in trainer.callbacks if isinstance(cb, SharpnessAwareCallback)]
-        self._active = bool(sam) and sam[0].is_active(trainer)
+        self._active = bool(sam) and sam[0].has_started(trainer)
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,

@@ -1,6 +1,6 @@
 """SAMMixin: the sharpness-aware step under manual optimization, for explicit control.
 
-The mixin runs the step of :mod:`lightning_nusam.step` with ``compute_loss`` and
+The mixin runs the step of :class:`~lightning_nusam.engine.StepEngine` with ``compute_loss`` and
 ``manual_backward``: it supports everything the drop-in does plus ``precision="16-mixed"``
 (Lightning's precision plugin scales and unscales; the mixin only orders the calls), and takes
 the options Lightning refuses under manual optimization (``gradient_clip_val``,
@@ -14,32 +14,28 @@ import functools
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
 
-from lightning_nusam.callbacks import SharpnessAwareCallback
+from lightning_nusam.callbacks import SharpnessAwareCallback, log_step, planned_optimizer_steps, sam_pass
 from lightning_nusam.checks import check_count
-from lightning_nusam.step import (
-    PLAIN_STEP,
-    DrivesTheStep,
-    PassName,
-    SharpnessAwareStep,
-    StepPlan,
-    log_step,
-    planned_optimizer_steps,
-    sam_pass,
-)
+from lightning_nusam.engine import PLAIN_STEP, PassName, StepEngine
 
-LossOutput = torch.Tensor | Mapping[str, torch.Tensor]
+LossOutput = torch.Tensor | Mapping[str, torch.Tensor] | None
 _PLATEAU_KEYS = ("monitor", "strict", "reduce_on_plateau")
+#: hooks a subclass may override without ``super()``: the mixin's part of them runs anyway
+_MIXIN_HOOKS = {"on_before_optimizer_step": "_clip_second_pass_gradients",
+                "on_train_epoch_end": "_step_epoch_schedulers"}
 
 
-class SAMMixin(DrivesTheStep):
+class SAMMixin:
     """Mix into a ``LightningModule`` to run the sharpness-aware step with explicit control.
 
-    Implement ``compute_loss(batch, batch_idx)`` (a scalar loss, or a dict with ``"loss"`` and
-    extra tensors to log) instead of ``training_step``; keep ``validation_step`` etc. as usual.
+    Implement ``compute_loss(batch, batch_idx)`` (a scalar loss, a dict with ``"loss"`` and
+    extra tensors to log, or None to skip the micro-batch) instead of ``training_step``; keep
+    ``validation_step`` etc. as usual. Put ``SAMMixin`` first in the bases:
+    ``class Model(SAMMixin, LightningModule)`` (or ``(SAMMixin, YourModule)``).
     The step uses manual optimization with exactly one optimizer from ``configure_optimizers``.
     (An unmodified module gets the same step from the callback alone; the mixin is for
     ``precision="16-mixed"`` and for code that wants the passes in its own hands.)
@@ -89,9 +85,21 @@ class SAMMixin(DrivesTheStep):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        if nn.Module in mro and mro.index(SAMMixin) > mro.index(nn.Module):
+            base = next(b for b in cls.__bases__ if issubclass(b, nn.Module))
+            raise TypeError(
+                f"{cls.__name__}: SAMMixin comes after {base.__name__} in the bases, so "
+                f"{base.__name__}'s methods replace the mixin's (its __init__ never runs). Put SAMMixin "
+                f"before it: class {cls.__name__}(SAMMixin, {base.__name__})"
+            )
         configure = cls.__dict__.get("configure_optimizers")
         if configure is not None and not getattr(configure, "_reads_plateau_monitors", False):
             cls.configure_optimizers = _reading_plateau_monitors(configure)  # type: ignore[attr-defined]
+        for hook, part in _MIXIN_HOOKS.items():
+            override = cls.__dict__.get(hook)
+            if override is not None and not getattr(override, "_runs_the_mixin_part", False):
+                setattr(cls, hook, _running_the_mixin_part(override, part))
 
     def __init__(
         self,
@@ -123,11 +131,12 @@ class SAMMixin(DrivesTheStep):
                                                    whole_floats=True)
         self.automatic_optimization = False
         self._plateau_monitors: dict[int, tuple[str | None, bool]] = {}
-        self._plain_step: SharpnessAwareStep | None = None
+        self._plain_engine: StepEngine | None = None
+        self._mixin_parts_done: dict[str, bool] = {}
 
     # ----------------------------------------------------------------------------- user API
     def compute_loss(self, batch: Any, batch_idx: int) -> LossOutput:
-        """The training loss of a batch; called once per pass (twice when perturbing)."""
+        """The training loss of a batch (None skips it); called once per pass (twice when perturbing)."""
         raise NotImplementedError(
             f"{type(self).__name__} mixes in SAMMixin and must implement compute_loss(batch, batch_idx)"
         )
@@ -150,76 +159,51 @@ class SAMMixin(DrivesTheStep):
         return planned_optimizer_steps(self.trainer, self.accumulate_grad_batches)
 
     # ----------------------------------------------------------------------------- the step
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         optimizer = self.optimizers()
         if isinstance(optimizer, list):
             raise RuntimeError(
                 f"SAMMixin supports exactly one optimizer; configure_optimizers returned {len(optimizer)}"
             )
         trainer, callback = self.trainer, self.sharpness_aware_callback()
-        step = callback.step if callback is not None else self._step_without_callback()
-        accumulate = self.accumulate_grad_batches
-        last = (batch_idx + 1) % accumulate == 0 or trainer.is_last_batch
-        plan = step.begin_micro_batch(trainer, batch, batch_idx)
-        name: PassName | None = "first" if plan.two_pass else None
-        with step.pass_context(trainer.strategy, self, name, last_micro_batch=last):
-            loss, extras = self._forward_backward(step, name, batch, batch_idx)
+        engine = callback.engine if callback is not None else self._engine_without_callback()
+        last = (batch_idx + 1) % self.accumulate_grad_batches == 0 or trainer.is_last_batch
+        if not engine.in_step:
+            engine.begin(callback.plan(trainer) if callback is not None else PLAIN_STEP)
+        passes = _MixinPasses(self)
+        loss = engine.first_pass(passes, batch, batch_idx, last=last)
+        extras = passes.extras
         if not last:
-            step.end_micro_batch()
             return loss
-        if plan.two_pass:
-            self._second_pass(step)
-        elif callback is not None:
-            step.after_backward()
-        first, second = step.losses()
+        engine.second_pass(passes, optimizer)
+        engine.before_optimizer_step()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self._step_lr_schedulers("step", batch_idx)
-        step.finish(trainer, self)
-        self.log("train/loss", first if first is not None else loss, prog_bar=True, on_step=True,
-                 on_epoch=True)
+        result = engine.end(trainer.global_step)
+        shown = result.first_loss if result.first_loss is not None else loss
+        if shown is not None:
+            self.log("train/loss", shown, prog_bar=True, on_step=True, on_epoch=True)
         for key, value in extras.items():
             self.log(f"train/{key}", value, on_step=True, on_epoch=True)
         if callback is not None:
-            log_step(self, plan, callback, first, second)
+            log_step(self, result, callback.perturbation)
         return loss
 
-    def _second_pass(self, step: SharpnessAwareStep) -> None:
-        """``perturb()``, replay the kept micro-batches at ``w + ε``, ``restore()``."""
-        step.perturb()
-        try:  # restore before anything can save or evaluate the weights
-            self.zero_grad(set_to_none=True)
-            kept = step.micro_batches
-            for position, (batch, batch_idx) in enumerate(kept):
-                last = position == len(kept) - 1
-                with step.pass_context(self.trainer.strategy, self, "second", last_micro_batch=last):
-                    self._forward_backward(step, "second", batch, batch_idx)
-        finally:
-            step.restore()
-
-    def _forward_backward(self, step: SharpnessAwareStep, name: PassName | None, batch: Any,
-                          batch_idx: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        output = self.compute_loss(batch, batch_idx)
-        if isinstance(output, Mapping):
-            if "loss" not in output:
-                raise KeyError("compute_loss returned a dict without a 'loss' entry")
-            extras = {k: v for k, v in output.items() if k != "loss"}
-            loss = output["loss"]
-        else:
-            loss, extras = output, {}
-        self.manual_backward(loss / self.accumulate_grad_batches)
-        step.record_loss(name, loss)
-        return loss.detach(), extras
-
-    def _step_without_callback(self) -> SharpnessAwareStep:
-        """Plain steps (no sharpness-aware callback): the same window, never a perturbation."""
-        if self._plain_step is None:
-            self._plain_step = SharpnessAwareStep(_NoPerturbation())
-        self._plain_step.accumulate_grad_batches = self.accumulate_grad_batches
-        return self._plain_step
+    def _engine_without_callback(self) -> StepEngine:
+        """Plain steps (no sharpness-aware callback): the same engine, never a perturbation."""
+        if self._plain_engine is None:
+            self._plain_engine = StepEngine(self, None)  # type: ignore[arg-type]
+        return self._plain_engine
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Clip here: Lightning has already unscaled the gradients (16-mixed) at this point."""
+        """Clip here: Lightning has already unscaled the gradients (16-mixed) at this point. (An
+        override need not call ``super()``: the clipping runs anyway.)"""
+        self._clip_second_pass_gradients(optimizer)
+
+    def _clip_second_pass_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        if "on_before_optimizer_step" in self._mixin_parts_done:  # inside an override's wrapper
+            self._mixin_parts_done["on_before_optimizer_step"] = True
         if self.gradient_clip_val is not None:
             self.clip_gradients(
                 optimizer,
@@ -228,7 +212,13 @@ class SAMMixin(DrivesTheStep):
             )
 
     def on_train_epoch_end(self) -> None:
-        """Step ``interval="epoch"`` schedulers (after the epoch's validation, as Lightning does)."""
+        """Step ``interval="epoch"`` schedulers (after the epoch's validation, as Lightning does).
+        (An override need not call ``super()``: the schedulers step anyway.)"""
+        self._step_epoch_schedulers()
+
+    def _step_epoch_schedulers(self) -> None:
+        if "on_train_epoch_end" in self._mixin_parts_done:
+            self._mixin_parts_done["on_train_epoch_end"] = True
         self._step_lr_schedulers("epoch", None)
 
     # ----------------------------------------------------------------------------- schedulers
@@ -302,24 +292,54 @@ def _reading_plateau_monitors(configure: Callable[..., Any]) -> Callable[..., An
     return configure_optimizers
 
 
-class _NoPerturbation:
-    """The policy of a mixin module trained without a sharpness-aware callback: plain steps."""
+class _MixinPasses:
+    """The mixin's passes: ``compute_loss`` and ``manual_backward`` of the loss divided by ``k``;
+    the extra entries of the first pass's dict are kept for logging."""
 
-    sync_first_pass = True
-    batchnorm_update = "first"
+    def __init__(self, module: SAMMixin) -> None:
+        self.module, self.extras = module, {}
 
-    @property
-    def perturbation(self) -> Any:
-        return _Inert()
+    def forward_backward(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        module = self.module
+        output = module.compute_loss(batch, batch_idx)
+        if output is None:
+            return None
+        if isinstance(output, Mapping):
+            if "loss" not in output:
+                raise KeyError("compute_loss returned a dict without a 'loss' entry")
+            loss = output["loss"]
+            if not self.extras and sam_pass(module) != "second":
+                self.extras = {k: v for k, v in output.items() if k != "loss"}
+        else:
+            loss = output
+        module.manual_backward(loss / module.accumulate_grad_batches)
+        return loss.detach()
 
-    def plan_step(self, trainer: pl.Trainer) -> StepPlan:
-        return PLAIN_STEP
+    def no_sync(self) -> Any:
+        from lightning_nusam.callbacks import _no_sync
 
-    def after_optimizer_step(self, trainer: pl.Trainer, module: pl.LightningModule, plan: StepPlan) -> None:
-        return None
+        return _no_sync(self.module.trainer.strategy)()
 
 
-class _Inert:
-    def restore(self) -> None:
-        return None
+def _running_the_mixin_part(hook: Callable[..., Any], part: str) -> Callable[..., Any]:
+    """Wrap a subclass's override of a mixin hook so that the mixin's part of it (clipping,
+    epoch schedulers) runs once per call, whether or not the override calls ``super()``."""
+    name = hook.__name__
 
+    @functools.wraps(hook)
+    def wrapper(self: SAMMixin, *args: Any, **kwargs: Any) -> Any:
+        done = self._mixin_parts_done
+        outermost = name not in done
+        if outermost:
+            done[name] = False
+        try:
+            result = hook(self, *args, **kwargs)
+            if outermost and not done[name]:
+                getattr(self, part)(*args, **kwargs)
+        finally:
+            if outermost:
+                del done[name]
+        return result
+
+    wrapper._runs_the_mixin_part = True  # type: ignore[attr-defined]
+    return wrapper

@@ -1,0 +1,552 @@
+"""The sharpness-aware step in one place: one optimizer step over ``k`` micro-batches, pure PyTorch.
+
+Every way in (the drop-in callback, :class:`~lightning_nusam.SAMMixin`, a plain or Fabric loop,
+:class:`~lightning_nusam.optim.SAMOptimizer`) runs its steps through a :class:`StepEngine`.
+:meth:`StepEngine.step` is the whole step, the paper's Algorithm 3 with accumulation::
+
+    first pass:   for each micro-batch j: forward + backward(loss_j / k)   at w
+                  (gradients all-reduced on the last one only; never for m-SAM)
+    perturb(ρ_t)  w ← w + ε from the accumulated first-pass gradient
+    zero grads
+    second pass:  for each micro-batch j that gave a loss: forward + backward(loss_j / k)
+                  at w + ε, with the random state j's first pass had (dropout masks, draws);
+                  gradients all-reduced on the last one only
+    restore()     w ← w − ε, right after the last backward
+    optimizer step on the second-pass gradients; m-SAM: rank 0's weights broadcast every
+    ``resync_every`` steps
+
+A *one-pass* step (``one_pass``) applies ``ε_t`` from the direction estimated at the end of the
+previous step, runs the single pass at ``w + ε_t``, restores, estimates the direction for the
+next step from this gradient, and steps. A *plain* step (before the start, between
+``every_n_steps``) is one pass at ``w``.
+
+What the user's loss code sees is kept as if it ran once: both passes draw the same random
+numbers and the random stream afterwards is a plain step's (``same_random_draws``); BatchNorm
+running statistics are updated by one pass (``batchnorm_update``); ``torchmetrics`` metrics in
+the model keep what the first pass added (the second pass's updates are undone); and with
+``ρ = 0`` the step gives exactly the weights of a plain step.
+
+Lightning hands the micro-batches over one at a time and runs some passes itself, so the same
+step is also available in pieces: :meth:`~StepEngine.begin`, :meth:`~StepEngine.first_pass` (or
+:meth:`~StepEngine.open_first_pass` / :meth:`~StepEngine.close_pass` around a pass someone else
+runs), :meth:`~StepEngine.after_backward`, :meth:`~StepEngine.second_pass` and
+:meth:`~StepEngine.end`. :meth:`~StepEngine.step` is exactly these calls in order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+if TYPE_CHECKING:
+    from lightning_nusam.perturbations import Perturbation
+
+PassName = Literal["first", "second"]
+BatchNormUpdate = Literal["first", "second", "both"]
+
+#: Default interval (optimizer steps) at which m-SAM re-broadcasts rank 0's weights; see
+#: :meth:`StepEngine.end`.
+DEFAULT_RESYNC_EVERY = 100
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one optimizer step does; decided at its first micro-batch (see ``policy.plan_step``).
+
+    Attributes:
+        perturb: the step perturbs (two passes, or one pass at ``w + ε`` when ``one_pass``).
+        rho: the radius in force (0 when not perturbing).
+        one_pass: ``ε`` comes from the previous step's direction; a single pass.
+        estimate: estimate the direction for the next step after the last backward (one-pass
+            mode from its start on; the first such step only primes it).
+    """
+
+    perturb: bool = False
+    rho: float = 0.0
+    one_pass: bool = False
+    estimate: bool = False
+
+    @property
+    def two_pass(self) -> bool:
+        return self.perturb and not self.one_pass
+
+
+PLAIN_STEP = StepPlan()
+
+
+class Passes(Protocol):
+    """How a way in runs one pass of one micro-batch; the engine decides when and in which context."""
+
+    def forward_backward(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        """Forward and backward of one micro-batch, the loss divided by the micro-batches of the
+        step (as gradient accumulation does); returns the undivided loss, detached, or None when
+        the micro-batch is skipped (no backward)."""
+
+    def no_sync(self) -> contextlib.AbstractContextManager[Any]:
+        """A context in which backward does not all-reduce gradients (DDP's ``no_sync``)."""
+
+
+@dataclass
+class LossPasses:
+    """:class:`Passes` for a plain PyTorch (or Fabric) loop, from a function giving the loss.
+
+    Args:
+        loss: ``loss(batch, batch_idx)``, the training loss of a micro-batch, or None to skip it.
+        micro_batches_per_step: ``k``, the divisor of each micro-batch's loss.
+        backward: how to run backward (``fabric.backward`` under Fabric).
+        no_sync: a context without gradient all-reduce (``model.no_sync`` under DDP,
+            ``lambda: fabric.no_backward_sync(model)`` under Fabric).
+    """
+
+    loss: Callable[[Any, int], torch.Tensor | None]
+    micro_batches_per_step: int = 1
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward
+    no_sync: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+
+    def forward_backward(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        loss = self.loss(batch, batch_idx)
+        if loss is None:
+            return None
+        self.backward(loss / self.micro_batches_per_step)
+        return loss.detach()
+
+
+@dataclass
+class RandomState:
+    """The random streams a loss computation draws from: torch (CPU and the CUDA devices given),
+    numpy's and Python's global generators."""
+
+    torch_cpu: torch.Tensor
+    cuda: dict[int, torch.Tensor]
+    numpy: Any
+    python: Any
+
+    @classmethod
+    def capture(cls, cuda_devices: Sequence[int] = ()) -> RandomState:
+        return cls(torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in cuda_devices},
+                   np.random.get_state(), random.getstate())
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.torch_cpu)
+        for device, state in self.cuda.items():
+            torch.cuda.set_rng_state(state, device)
+        np.random.set_state(self.numpy)
+        random.setstate(self.python)
+
+
+@contextlib.contextmanager
+def frozen_running_stats(module: nn.Module) -> Iterator[None]:
+    """Run BatchNorm layers on batch statistics without updating their running statistics.
+
+    ``track_running_stats=False`` in training mode normalises with the batch statistics, as
+    before, but passes no running buffers to ``batch_norm`` and does not count the batch, so
+    ``running_mean``, ``running_var`` and ``num_batches_tracked`` stay exactly as they are.
+    """
+    layers = [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training
+    ]
+    for layer in layers:
+        layer.track_running_stats = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.track_running_stats = True
+
+
+@contextlib.contextmanager
+def metric_updates_undone(module: nn.Module) -> Iterator[None]:
+    """Give the ``torchmetrics`` metrics inside ``module`` back the state they had on entry.
+
+    The second pass runs the user's loss code again; a metric updated there (``self.acc(preds,
+    y)`` in ``training_step``) would count every sample twice and mix the perturbed predictions
+    into the clean ones. Its states, update count and cached values are put back on exit, so the
+    metric holds what the first pass added. Metrics are found as submodules (attributes of the
+    module, ``MetricCollection`` members); without torchmetrics installed this does nothing.
+    """
+    try:
+        from torchmetrics import Metric
+    except ImportError:
+        yield
+        return
+    bookkeeping = ("_update_count", "_computed", "_forward_cache")
+    saved = []
+    for metric in module.modules():
+        if isinstance(metric, Metric):
+            states = {name: value.clone() if isinstance(value, torch.Tensor) else list(value)
+                      for name, value in metric.metric_state.items()}
+            saved.append((metric, states, {k: getattr(metric, k, None) for k in bookkeeping}))
+    try:
+        yield
+    finally:
+        for metric, states, kept in saved:
+            for name, value in {**states, **kept}.items():
+                setattr(metric, name, value)
+
+
+@dataclass
+class _MicroBatch:
+    """A micro-batch of the step in progress: kept for the second pass, with the random state
+    its first pass started from and whether that pass ran a backward."""
+
+    batch: Any
+    batch_idx: int
+    random_state: RandomState | None = None
+    backward: bool = False
+
+
+@dataclass
+class _Step:
+    """The optimizer step in progress."""
+
+    plan: StepPlan
+    micro_batches: list[_MicroBatch] = field(default_factory=list)
+    losses: dict[str, list[torch.Tensor]] = field(default_factory=lambda: {"first": [], "second": []})
+    random_state_after: RandomState | None = None
+    estimated: bool = False
+    perturbed: bool = False
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What a step did: its plan, whether ε was applied, and the mean losses of its passes."""
+
+    plan: StepPlan
+    perturbed: bool
+    first_loss: torch.Tensor | None
+    second_loss: torch.Tensor | None
+
+
+class StepEngine:
+    """Runs optimizer steps of a sharpness-aware method (see the module docstring).
+
+    Args:
+        model: the module trained (its BatchNorm layers, metrics and, for m-SAM, weights).
+        perturbation: the method, or None for plain steps only (a mixin module without a
+            sharpness-aware callback).
+        sync_first_pass: all-reduce the first-pass gradients under data parallelism (Algorithm
+            3), so that every rank applies the same ε; ``False`` is m-SAM.
+        batchnorm_update: which pass updates BatchNorm running statistics: ``"first"`` (at
+            ``w``), ``"second"`` or ``"both"``.
+        same_random_draws: both passes of a micro-batch draw the same random numbers (dropout
+            masks, augmentation in the loss code) and the random stream after the step is that
+            of a plain step; ``False`` lets the second pass draw new ones.
+        resync_every: m-SAM only: every this many steps rank 0's weights are broadcast (0: never).
+
+    Example (a plain loop; :class:`LossPasses` gives the loss of a micro-batch):
+        >>> from lightning_nusam.perturbations import NuclearPerturbation
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> engine = StepEngine(model, NuclearPerturbation(model, rho=0.05))
+        >>> data = [(torch.randn(6, 4), torch.randint(0, 2, (6,))) for _ in range(3)]
+        >>> passes = LossPasses(lambda batch, _: nn.functional.cross_entropy(model(batch[0]), batch[1]))
+        >>> for index, batch in enumerate(data):
+        ...     result = engine.step(passes, [(batch, index)], optimizer)
+        >>> result.perturbed, engine.perturbation.steps
+        (True, 3)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        perturbation: Perturbation | None,
+        *,
+        sync_first_pass: bool = True,
+        batchnorm_update: BatchNormUpdate = "first",
+        same_random_draws: bool = True,
+        resync_every: int = DEFAULT_RESYNC_EVERY,
+    ) -> None:
+        self.model = model
+        self.perturbation = perturbation
+        self.sync_first_pass = sync_first_pass
+        self.batchnorm_update = batchnorm_update
+        self.same_random_draws = same_random_draws
+        self.resync_every = resync_every
+        self.resyncs = 0
+        #: the pass running now: "first", "second", or None (a plain or one-pass step's only pass)
+        self.current_pass: PassName | None = None
+        self._step: _Step | None = None
+        self._open: contextlib.ExitStack | None = None
+        self._current: _MicroBatch | None = None
+        self._current_is_last = False
+
+    # ----------------------------------------------------------------------------- the step
+    def step(self, passes: Passes, micro_batches: Sequence[tuple[Any, int]], optimizer: torch.optim.Optimizer,
+             plan: StepPlan | None = None, *, optimizer_step: Callable[[], Any] | None = None,
+             global_step: int = 0) -> StepResult:
+        """One whole optimizer step over ``micro_batches`` (``(batch, batch_idx)`` pairs).
+
+        ``plan`` defaults to a two-pass step at the perturbation's radius (a plain step without
+        a perturbation); ``optimizer_step`` to ``optimizer.step`` (pass e.g. the GradScaler's
+        step). The step starts from cleared gradients, as Lightning's does.
+        """
+        if plan is None:
+            plan = StepPlan(True, self.perturbation.rho) if self.perturbation is not None else PLAIN_STEP
+        optimizer.zero_grad(set_to_none=True)
+        self.begin(plan)
+        try:
+            for position, (batch, batch_idx) in enumerate(micro_batches):
+                self.first_pass(passes, batch, batch_idx, last=position == len(micro_batches) - 1)
+            self.second_pass(passes, optimizer)
+            self.before_optimizer_step()
+        except BaseException:
+            self.abandon()
+            raise
+        (optimizer_step or optimizer.step)()
+        return self.end(global_step)
+
+    # ----------------------------------------------------------------------------- pieces
+    @property
+    def plan(self) -> StepPlan:
+        """The plan of the step in progress (a plain step between steps)."""
+        return self._step.plan if self._step is not None else PLAIN_STEP
+
+    @property
+    def in_step(self) -> bool:
+        return self._step is not None
+
+    @property
+    def micro_batches(self) -> list[tuple[Any, int]]:
+        """``(batch, batch_idx)`` of the micro-batches kept for the second pass."""
+        return [(m.batch, m.batch_idx) for m in self._step.micro_batches] if self._step else []
+
+    def begin(self, plan: StepPlan) -> None:
+        """Open a step with its plan."""
+        if plan.perturb and self.perturbation is None:
+            raise ValueError("a perturbing plan needs a perturbation")
+        self._step = _Step(plan)
+
+    def first_pass(self, passes: Passes, batch: Any, batch_idx: int, *, last: bool) -> torch.Tensor | None:
+        """The first (or only) pass of one micro-batch, run through ``passes``."""
+        self.open_first_pass(batch, batch_idx, last=last, no_sync=passes.no_sync)
+        try:
+            loss = passes.forward_backward(batch, batch_idx)
+            if loss is not None:
+                self.after_backward()
+                self.record_loss(loss)
+        finally:
+            self.close_pass()
+        return loss
+
+    def open_first_pass(self, batch: Any, batch_idx: int, *, last: bool,
+                        no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None = None) -> None:
+        """Enter the context of a micro-batch's first (or only) pass, for a pass that the caller
+        runs itself (Lightning's own closure); :meth:`close_pass` leaves it.
+
+        Keeps the micro-batch for the second pass with the random state it starts from; blocks
+        the gradient all-reduce unless this is the last micro-batch of a pass that syncs (with
+        ``no_sync``, the way in's context for that); freezes BatchNorm statistics when the second
+        pass is to update them; on a one-pass step applies ``ε`` for this micro-batch.
+        """
+        step = self._step
+        plan = step.plan
+        first_of_step = not step.micro_batches
+        micro_batch = _MicroBatch(batch, batch_idx)
+        step.micro_batches.append(micro_batch)
+        stack = contextlib.ExitStack()
+        if plan.two_pass:
+            if self.same_random_draws:
+                micro_batch.random_state = RandomState.capture(self._cuda_devices())
+            sync = last and self.sync_first_pass
+            if self.batchnorm_update == "second":
+                stack.enter_context(frozen_running_stats(self.model))
+            name: PassName | None = "first"
+        else:
+            sync = last
+            name = None
+            if plan.perturb:  # one pass at w + ε, removed after this micro-batch
+                self.perturbation.apply(plan.rho, repeat=not first_of_step)
+                step.perturbed = self.perturbation.is_perturbed
+        if not sync and no_sync is not None:
+            stack.enter_context(no_sync())
+        stack.enter_context(self._naming(name))
+        self._open, self._current, self._current_is_last = stack, micro_batch, last
+
+    def close_pass(self) -> None:
+        """Leave the context of the pass opened by :meth:`open_first_pass`; after the last first
+        pass of a two-pass step, remember the random state the step must end with."""
+        if self._open is None:
+            return
+        stack, self._open = self._open, None
+        stack.close()
+        step, last = self._step, self._current_is_last
+        if step.plan.one_pass and step.plan.perturb:
+            self.perturbation.restore()
+        if last and step.plan.two_pass and self.same_random_draws:
+            step.random_state_after = RandomState.capture(self._cuda_devices())
+        if last and step.plan.estimate and not step.estimated and any(m.backward for m in step.micro_batches):
+            self._estimate_direction()
+        self._current = None
+
+    def after_backward(self) -> None:
+        """After a backward of the step (idempotent; a Lightning ``on_after_backward`` hook may call
+        it too): marks the micro-batch as trained; on the last backward of a second pass removes
+        ``ε`` at once, before anything reads the weights; on a one-pass step removes ``ε`` and,
+        after the last micro-batch, estimates the next direction from this unclipped gradient."""
+        step = self._step
+        if step is None:
+            return
+        if self.current_pass == "second":
+            if self._current_is_last:
+                self.perturbation.restore()
+            return
+        if self._current is not None:
+            self._current.backward = True
+        if step.plan.one_pass and step.plan.perturb:
+            self.perturbation.restore()
+        if self._current_is_last and step.plan.estimate and not step.estimated:
+            self._estimate_direction()
+
+    def second_pass(self, passes: Passes, optimizer: torch.optim.Optimizer | None = None, *,
+                    last_pass: Callable[[], Any] | None = None) -> Any:
+        """``perturb()``, the second pass of every micro-batch that gave a loss at ``w + ε``,
+        ``restore()``. Does nothing on a plain or one-pass step, or when no micro-batch gave a
+        loss (the step then counts as not perturbed).
+
+        ``last_pass``, when given, runs the last micro-batch's second pass itself (Lightning's
+        closure, with its hooks and clipping) and its result is returned; it is called even
+        when that micro-batch gave no loss.
+        """
+        step = self._step
+        if not step.plan.two_pass:
+            return last_pass() if last_pass is not None else None
+        kept = step.micro_batches
+        trained = [m for m in kept if m.backward]
+        by_caller = kept[-1] if last_pass is not None else None
+        ours = [m for m in trained if m is not by_caller]
+        if not trained:
+            self._restore_random_state(step.random_state_after)
+            return last_pass() if last_pass is not None else None
+        self.perturbation.perturb(step.plan.rho)
+        step.perturbed = self.perturbation.is_perturbed
+        result = None
+        try:
+            self._zero_grad(optimizer)
+            with metric_updates_undone(self.model):
+                for position, micro_batch in enumerate(ours):
+                    last = position == len(ours) - 1 and (by_caller is None or not by_caller.backward)
+                    with self._second_pass_context(micro_batch, last, passes):
+                        loss = passes.forward_backward(micro_batch.batch, micro_batch.batch_idx)
+                        if loss is not None:
+                            self.after_backward()
+                            self.record_loss(loss, "second")
+                if by_caller is not None:
+                    with self._second_pass_context(by_caller, True, None):
+                        result = last_pass()
+        finally:
+            self.perturbation.restore()
+            self._restore_random_state(step.random_state_after)
+            self._current, self._current_is_last = None, False
+        return result
+
+    def before_optimizer_step(self) -> None:
+        """Just before the optimizer steps: no ``ε`` may be left, and a one-pass step whose last
+        micro-batch gave no loss estimates its direction here, before any clipping."""
+        if self.perturbation is not None:
+            self.perturbation.restore()
+        step = self._step
+        if step is not None and step.plan.estimate and not step.estimated \
+                and any(m.backward for m in step.micro_batches):
+            self._estimate_direction()
+
+    def end(self, global_step: int = 0) -> StepResult:
+        """Close the step after the optimizer stepped: m-SAM re-synchronisation, the losses."""
+        step = self._step
+        self.close_pass()
+        self._step, self.current_pass = None, None
+        first, second = (torch.stack(v).float().mean() if v else None for v in step.losses.values())
+        if step.plan.two_pass and step.perturbed and not self.sync_first_pass:
+            self.resynchronize(global_step)
+        return StepResult(step.plan, step.perturbed, first, second)
+
+    def abandon(self) -> None:
+        """Drop the step in progress (an exception, an epoch that ended mid-window): no ``ε`` left."""
+        if self._open is not None:
+            stack, self._open = self._open, None
+            stack.close()
+        if self.perturbation is not None:
+            self.perturbation.restore()
+        self._step, self._current, self.current_pass = None, None, None
+
+    def record_loss(self, loss: torch.Tensor, name: PassName | None = None) -> None:
+        """Keep a micro-batch's (undivided) loss for the step's mean, first or second pass."""
+        if self._step is not None:
+            self._step.losses["second" if name == "second" else "first"].append(loss.detach())
+
+    # ----------------------------------------------------------------------------- m-SAM
+    @torch.no_grad()
+    def resynchronize(self, global_step: int) -> bool:
+        """Broadcast rank 0's weights every ``resync_every`` steps under m-SAM.
+
+        With per-rank ε, ``w + ε − ε`` leaves a different last-bit rounding on each rank; the
+        all-reduced second-pass gradients do not amplify it (every rank applies the same
+        update), so the difference is a random walk of about one ulp per step. One broadcast of
+        the weights costs as much as one gradient all-reduce: every 100 steps it adds about 1%
+        to m-SAM's communication and keeps the ranks within a few ulp of each other. Methods
+        whose restore is exact (SAM, SAM-ON, and νSAM/GaussSAM on bf16/fp16 weights) skip it.
+        """
+        if (
+            self.resync_every == 0
+            or self.perturbation is None
+            or self.perturbation.exact_restore
+            or not (dist.is_available() and dist.is_initialized())
+            or dist.get_world_size() == 1
+            or global_step % self.resync_every != 0
+        ):
+            return False
+        for parameter in self.model.parameters():
+            dist.broadcast(parameter.data, src=0)
+        self.resyncs += 1
+        return True
+
+    # ----------------------------------------------------------------------------- contexts
+    @contextlib.contextmanager
+    def _second_pass_context(self, micro_batch: _MicroBatch, last: bool,
+                             passes: Passes | None) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            if not last and passes is not None:
+                stack.enter_context(passes.no_sync())
+            if self.batchnorm_update == "first":
+                stack.enter_context(frozen_running_stats(self.model))
+            if micro_batch.random_state is not None:
+                micro_batch.random_state.restore()
+            stack.enter_context(self._naming("second"))
+            self._current, self._current_is_last = micro_batch, last
+            yield
+
+    @contextlib.contextmanager
+    def _naming(self, name: PassName | None) -> Iterator[None]:
+        previous, self.current_pass = self.current_pass, name
+        try:
+            yield
+        finally:
+            self.current_pass = previous
+
+    def _restore_random_state(self, state: RandomState | None) -> None:
+        if state is not None:
+            state.restore()
+
+    def _estimate_direction(self) -> None:
+        self._step.estimated = True
+        self.perturbation.estimate()
+
+    def _cuda_devices(self) -> list[int]:
+        if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+            return []
+        return sorted({p.device.index for p in self.model.parameters() if p.device.type == "cuda"})
+
+    def _zero_grad(self, optimizer: torch.optim.Optimizer | None) -> None:
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            self.model.zero_grad(set_to_none=True)
