@@ -17,7 +17,8 @@ floor for any SAM), ``peer_sam`` (``pytorch_optimizer.SAM``), ``sam``, ``samon``
 ``nusam_t5`` and ``nusam_norm`` (this package's perturbations), ``nusam_every2`` (νSAM on every
 second step, plain steps between: its time is the mean over pairs of steps) and
 ``nusam_one_pass`` (the experimental one-pass νSAM: ε from the previous step's direction). All
-use AdamW as the base optimizer and a plain PyTorch loop, so the differences are the
+use AdamW as the base optimizer and take their steps through the same ``StepEngine`` that the
+Lightning integrations use (the peer through its own optimizer), so the differences are the
 perturbations alone. ``--accumulate k`` runs every step over k micro-batches of the batch size:
 the first pass over all of them, one perturbation, the second pass replaying them.
 """
@@ -76,6 +77,7 @@ def make_step(method: str, model, micro_batches, precision: str, device: str):
     import torch
     from torch import nn
 
+    from lightning_nusam.engine import LossPasses, StepEngine, StepPlan
     from lightning_nusam.perturbations import (
         L2Perturbation,
         NormLayerPerturbation,
@@ -90,19 +92,22 @@ def make_step(method: str, model, micro_batches, precision: str, device: str):
             return torch.autocast(device_type, dtype=torch.bfloat16)
         return nullcontext()
 
+    def loss(batch, batch_idx):
+        inputs, labels = batch
+        with autocast():
+            return nn.functional.cross_entropy(model(inputs), labels)
+
     def forward_backward():  # one pass: every micro-batch, each loss divided by k
-        for inputs, labels in micro_batches:
-            with autocast():
-                loss = nn.functional.cross_entropy(model(inputs), labels) / len(micro_batches)
-            loss.backward()
+        for index, batch in enumerate(micro_batches):
+            (loss(batch, index) / len(micro_batches)).backward()
 
     synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
     perturbation_seconds: list[float] = []
 
-    def timed(action, *args):
+    def timed(action, *args, **kwargs):
         synchronize()
         start = time.perf_counter()
-        action(*args)
+        action(*args, **kwargs)
         synchronize()
         return time.perf_counter() - start
 
@@ -151,6 +156,16 @@ def make_step(method: str, model, micro_batches, precision: str, device: str):
         return peer_step, lambda: held["numel"]
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if method == "two_pass":  # the floor of any SAM: two passes, nothing in between
+        def floor_step():
+            forward_backward()
+            optimizer.zero_grad()
+            forward_backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+        return floor_step, lambda: 0
+
     perturbation = {
         "sam": lambda: L2Perturbation(model, rho=RHO),
         "samon": lambda: NormLayerPerturbation(model, rho=RHO),
@@ -160,36 +175,32 @@ def make_step(method: str, model, micro_batches, precision: str, device: str):
         "nusam_every2": lambda: NuclearPerturbation(model, rho=RHO),
         "nusam_one_pass": lambda: NuclearPerturbation(model, rho=RHO),
     }.get(method, lambda: None)()
+    spent = [0.0]  # perturbation time of the step in progress
+    def timing(original):
+        def timed_call(*args, **kwargs):
+            spent[0] += timed(original, *args, **kwargs)
+        return timed_call
+
+    if perturbation is not None:  # time what the perturbation does inside the engine's step
+        for name in ("perturb", "restore", "apply", "estimate"):
+            setattr(perturbation, name, timing(getattr(perturbation, name)))
+    engine = StepEngine(model, perturbation)
+    passes = LossPasses(loss, len(micro_batches))
+    indexed = [(batch, index) for index, batch in enumerate(micro_batches)]
     count = {"steps": 0}
 
-    if method == "nusam_one_pass":
-        def one_pass_step():  # ε from the last step's direction; one pass at w + ε
-            spent = timed(perturbation.apply) if perturbation.has_direction else 0.0
-            forward_backward()
-            spent += timed(perturbation.restore) + timed(perturbation.estimate)
-            perturbation_seconds.append(spent)
-            optimizer.step()
-            optimizer.zero_grad()
-
-        one_pass_step.perturbation_seconds = perturbation_seconds
-        return one_pass_step, perturbation.held_numel
-
-    def step():
+    def step():  # one optimizer step through the engine, as every way in takes it
         count["steps"] += 1
-        if method == "nusam_every2" and count["steps"] % 2 == 0:  # the plain step of each pair
-            forward_backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            return
-        forward_backward()
-        if method != "adamw":
-            spent = timed(perturbation.perturb) if perturbation is not None else 0.0
-            optimizer.zero_grad()
-            forward_backward()
-            if perturbation is not None:
-                perturbation_seconds.append(spent + timed(perturbation.restore))
-        optimizer.step()
-        optimizer.zero_grad()
+        spent[0] = 0.0
+        if method == "adamw" or (method == "nusam_every2" and count["steps"] % 2 == 0):
+            plan = StepPlan()  # one plain pass (nusam_every2: the plain step of each pair)
+        elif method == "nusam_one_pass":  # ε from the last step's direction; one pass at w + ε
+            plan = StepPlan(perturb=perturbation.has_direction, rho=RHO, one_pass=True, estimate=True)
+        else:
+            plan = None  # two passes at the perturbation's radius
+        engine.step(passes, indexed, optimizer, plan)
+        if perturbation is not None:
+            perturbation_seconds.append(spent[0])
 
     step.perturbation_seconds = perturbation_seconds
     return step, (lambda: perturbation.held_numel() if perturbation is not None else 0)

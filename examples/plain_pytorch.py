@@ -1,7 +1,10 @@
-"""νSAM in a plain PyTorch training loop: no Lightning, just ``perturb()`` and ``restore()``.
+"""νSAM in a plain PyTorch training loop: no Lightning, the step engine over the core.
 
-The task is synthetic (a random linear teacher labels Gaussian inputs), so the script needs no
-data download. Run: ``python examples/plain_pytorch.py``.
+Each step is ``StepEngine.step``: the first pass at ``w``, ``perturb()`` (``w ← w + ρ u vᵀ`` for
+every weight matrix), the second pass at ``w + ε`` with the first pass's random draws,
+``restore()`` and the AdamW step on the second-pass gradients. The task is synthetic (a random
+linear teacher labels Gaussian inputs), so the script needs no data download. Run:
+``python examples/plain_pytorch.py``.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import argparse
 import torch
 from torch import nn
 
+from lightning_nusam.engine import LossPasses, StepEngine
 from lightning_nusam.perturbations import NuclearPerturbation
 
 
@@ -31,18 +35,14 @@ def train(epochs: int = 15, rho: float = 0.05, seed: int = 0) -> tuple[float, fl
     model = nn.Sequential(nn.Linear(32, 128), nn.GELU(), nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 4))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
     nusam = NuclearPerturbation(model, rho=rho)
+    engine = StepEngine(model, nusam)
     loss_fn = nn.CrossEntropyLoss()
+    passes = LossPasses(lambda batch, index: loss_fn(model(batch[0]), batch[1]))
     batches = [(x, y) for x, y in zip(train_x.split(200), train_y.split(200), strict=True)]
 
     for _ in range(epochs):
-        for x, y in batches:
-            loss_fn(model(x), y).backward()  # first pass at w
-            nusam.perturb()                  # w ← w + ρ u vᵀ for every weight matrix
-            optimizer.zero_grad()
-            loss_fn(model(x), y).backward()  # second pass at w + ε
-            nusam.restore()                  # w ← w − ρ u vᵀ
-            optimizer.step()                 # the base optimizer with the perturbed gradients
-            optimizer.zero_grad()
+        for index, batch in enumerate(batches):
+            engine.step(passes, [(batch, index)], optimizer)  # two passes, perturb, restore, step
 
     with torch.no_grad():
         train_accuracy = (model(train_x).argmax(1) == train_y).float().mean().item()

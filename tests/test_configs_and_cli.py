@@ -64,7 +64,11 @@ def test_every_config_runs_one_fast_step(config, tmp_path, fake_cifar):
     args = ["fit", "-c", str(config)]
     if "callbacks" not in config.read_text():
         args += ["-c", str(CONFIGS / "methods" / "nusam.yaml")]
-    cli_main([*args, *reduced_size_arguments(config, tmp_path, fake_cifar)])
+    cli = cli_main([*args, *reduced_size_arguments(config, tmp_path, fake_cifar)])
+    assert cli.trainer.state.finished and cli.trainer.global_step == 2
+    # the start is 10 % of the steps (the second step perturbs) or an epoch not reached here
+    expected = 0.0 if "start_epoch" in config.read_text() else 1.0
+    assert cli.trainer.callback_metrics["sam/active_step"] == expected
 
 
 @pytest.mark.parametrize("method", METHOD_CONFIGS, ids=lambda p: p.stem)
@@ -84,7 +88,13 @@ def test_validate_test_and_predict_subcommands(tmp_path):
     config = str(CONFIGS / "quickstart.yaml")
     common = ["--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}"]
     for subcommand in ("validate", "test", "predict"):
-        cli_main([subcommand, "-c", config, *common])
+        cli = cli_main([subcommand, "-c", config, *common])
+        assert cli.trainer.state.finished and cli.trainer.state.fn == subcommand
+        if subcommand == "predict":
+            predictions = cli.trainer.predict_loop.predictions
+            assert predictions and predictions[0].shape[-1] == 10  # class probabilities of the digits
+        else:
+            assert f"{'val' if subcommand == 'validate' else 'test'}/acc1" in cli.trainer.callback_metrics
 
 
 def test_console_script_and_module_entry_point():
