@@ -1,5 +1,7 @@
-"""Real two-process DDP (gloo, CPU): the synced first pass equals one process on the joined
-batch; m-SAM perturbs per rank and stays in step through re-synchronisation."""
+"""Real two-process DDP (gloo, CPU): a synced step equals one process on the joined batch and the
+ranks stay identical, while the first pass communicates only what the perturbation reads (νSAM:
+the power iteration's products, Σm then Σn numbers; SAM-ON: the normalisation layers' gradients;
+GaussSAM: nothing; SAM: the gradient); m-SAM perturbs per rank; ``rho=0`` is a no-op under DDP."""
 
 import subprocess
 import sys
@@ -8,95 +10,147 @@ from pathlib import Path
 import pytest
 import torch
 
+import lightning_nusam
 from helpers import (
     Classifier,
     PlainClassifier,
     classification_data,
     loader,
+    make_net,
     max_weight_difference,
     subprocess_env,
     trainer,
 )
-from lightning_nusam import NuSAM
 
 HERE = Path(__file__).resolve().parent
 STEPS = 6
-
-
-def launch(tmp_path: Path, mode: str) -> list[dict]:
-    env = subprocess_env(str(HERE))
-    result = subprocess.run(
-        [sys.executable, str(HERE / "ddp_script.py"), str(tmp_path), mode, str(STEPS)],
-        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return [torch.load(tmp_path / f"{mode}_rank{r}.pt", weights_only=False) for r in range(2)]
+VECTORS = ["way=mixin", "way=dropin", "way=mixin,accumulate=2", "way=dropin,accumulate=2",
+           "way=dropin,method=NuSAMNorm", "way=mixin,every=2"]
+FULL_GRADIENT = ["way=dropin,reduction=gradients", "way=mixin,reduction=gradients,accumulate=2",
+                 "way=dropin,method=SAM"]
+OTHERS = ["way=dropin,method=SAMON", "way=dropin,method=GaussSAM", "way=dropin,precision=bf16-mixed",
+          "way=dropin,reduction=onepass", "way=mixin,reduction=msam,resync=3",
+          "way=dropin,reduction=msam,resync=3"]
+NO_OP = ["way=dropin,method=none", "way=dropin,rho=0", "way=mixin,method=none", "way=mixin,rho=0"]
+MODES = VECTORS + FULL_GRADIENT + OTHERS + NO_OP
 
 
 @pytest.fixture(scope="module")
-def single_process_weights():
-    """One process, batch 8 = the union of the two ranks' batches of 4 (or of their two
-    micro-batches of 2) at every step."""
-    module = Classifier()
+def ranks(tmp_path_factory) -> dict[str, list[dict]]:
+    """All modes in one two-process job: {mode: [rank 0's record, rank 1's]}."""
+    out = tmp_path_factory.mktemp("ddp")
+    command = [sys.executable, str(HERE / "ddp_script.py"), str(out), str(STEPS), *MODES]
+    result = subprocess.run(command, env=subprocess_env(str(HERE)), capture_output=True, text=True,
+                            timeout=900, cwd=out)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return {mode: [torch.load(out / f"{mode}_rank{r}.pt", weights_only=False) for r in range(2)]
+            for mode in MODES}
+
+
+def single_process(mode: str) -> list[list[torch.Tensor]]:
+    """The same run in one process with the joined batch of 8 at every step."""
+    sys.path.insert(0, str(HERE))
+    from ddp_script import parse
+
+    options = parse(mode)
     weights = []
+    reduction = options["reduction"]
+    callback_cls = getattr(lightning_nusam, options["method"])
 
-    class Record(NuSAM):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            weights.append([p.detach().clone() for p in pl_module.parameters()])
-
-    trainer(max_steps=STEPS, callbacks=[Record(rho=0.5)]).fit(module, loader(classification_data(), 8))
-    return weights
-
-
-@pytest.mark.parametrize("mode", ["sync", "dropin", "sync-accumulate", "dropin-accumulate"])
-def test_ddp_synced_first_pass_equals_single_process_and_ranks_stay_identical(
-    tmp_path, single_process_weights, mode
-):
-    """SAMMixin and the drop-in, without and with 2 micro-batches per step, on 2 ranks equal one
-    process on the joined batch of 8."""
-    rank0, rank1 = launch(tmp_path, mode)
-    assert rank0["world_size"] == 2 and len(rank0["weights"]) == STEPS
-    for step in range(STEPS):
-        assert all(torch.equal(a, b) for a, b in zip(rank0["weights"][step], rank1["weights"][step],
-                                                     strict=True))
-        assert all(torch.equal(a, b) for a, b in zip(rank0["first_grads"][step], rank1["first_grads"][step],
-                                                     strict=True))
-    deviation = max(max_weight_difference(rank0["weights"][s], single_process_weights[s])
-                    for s in range(STEPS))
-    print(f"{mode}: max |w_ddp - w_single| over {STEPS} steps: {deviation:.3e}")
-    # one gradient all-reduce per pass (the model fits one DDP bucket), whatever the micro-batches
-    assert rank0["allreduces_per_step"] == [2] * STEPS
-    # the checkpointed RNG holds each rank's own state, so a resumed rank gets its own back
-    assert rank0["rng_entries"] == rank1["rng_entries"] == 2
-    assert rank0["own_rng_saved"] and rank1["own_rng_saved"]
-    assert deviation <= 1e-5
-
-
-def test_ddp_one_pass_estimates_from_the_all_reduced_gradient(tmp_path):
-    module = PlainClassifier()
-    weights = []
-
-    class Record(NuSAM):
+    class Record(callback_cls):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
             weights.append([p.detach().clone() for p in pl_module.parameters()])
 
-    trainer(max_steps=STEPS, callbacks=[Record(rho=0.5, one_pass=True)]).fit(
+    torch.manual_seed(0)
+    module = PlainClassifier() if options["way"] == "dropin" else Classifier()
+    record = Record(rho=float(options["rho"]), one_pass=reduction == "onepass",
+                    every_n_steps=int(options["every"]))
+    trainer(max_steps=STEPS, callbacks=[record], precision=options["precision"]).fit(
         module, loader(classification_data(), 8))
-    rank0, rank1 = launch(tmp_path, "dropin-onepass")
+    return weights
+
+
+def rows_and_columns() -> tuple[int, int]:
+    """Σn and Σm over the weight matrices of the tests' net: what νSAM's first pass all-reduces."""
+    matrices = [p for n, p in make_net().named_parameters() if p.dim() == 2]
+    return sum(p.shape[0] for p in matrices), sum(p.shape[1] for p in matrices)
+
+
+@pytest.mark.parametrize("mode", VECTORS)
+def test_synced_nusam_reduces_the_power_iterations_products_not_the_gradient(ranks, mode):
+    rank0, rank1 = ranks[mode]
+    assert rank0["world_size"] == 2 and len(rank0["weights"]) == STEPS
+    rows, columns = rows_and_columns()
+    perturbed_steps = STEPS // 2 if "every=2" in mode else STEPS
+    # the first pass: no gradient all-reduce; perturb(): Gᵀu (Σm numbers), then G v (Σn), one call each
+    assert rank0["collectives"] == [[columns, rows]] * perturbed_steps
+    assert rank0["allreduces_per_step"] == [1] * STEPS  # the second pass (or a plain step) only
+    for step in range(STEPS):  # ranks identical without any re-synchronisation
+        assert max_weight_difference(rank0["weights"][step], rank1["weights"][step]) == 0.0
+    for step in range(perturbed_steps):  # the same ε on both ranks, from different local gradients
+        assert max_weight_difference(rank0["perturbed"][step], rank1["perturbed"][step]) == 0.0
+        assert max_weight_difference(rank0["first_grads"][step], rank1["first_grads"][step]) > 1e-4
+    reference = single_process(mode)
+    deviation = max(max_weight_difference(rank0["weights"][s], reference[s]) for s in range(STEPS))
+    print(f"{mode}: max |w_ddp - w_single| over {STEPS} steps: {deviation:.3e}")
+    assert deviation <= 1e-5
+    assert rank0["rng_entries"] == rank1["rng_entries"] == 2  # each rank's own RNG state is saved
+    assert rank0["own_rng_saved"] and rank1["own_rng_saved"]
+
+
+@pytest.mark.parametrize("mode", FULL_GRADIENT)
+def test_the_full_gradient_all_reduce_on_request_and_for_sam(ranks, mode):
+    rank0, rank1 = ranks[mode]
+    assert rank0["allreduces_per_step"] == [2] * STEPS  # one per pass, whatever the micro-batches
+    assert rank0["collectives"] == [[]] * STEPS
+    for step in range(STEPS):
+        assert max_weight_difference(rank0["first_grads"][step], rank1["first_grads"][step]) == 0.0
+        assert max_weight_difference(rank0["weights"][step], rank1["weights"][step]) == 0.0
+    reference = single_process(mode)
+    deviation = max(max_weight_difference(rank0["weights"][s], reference[s]) for s in range(STEPS))
+    print(f"{mode}: max |w_ddp - w_single| over {STEPS} steps: {deviation:.3e}")
+    assert deviation <= 1e-5
+
+
+@pytest.mark.parametrize(("mode", "reduced"), [("way=dropin,method=SAMON", 32),
+                                               ("way=dropin,method=GaussSAM", None)])
+def test_sam_on_reduces_its_norm_gradients_and_gauss_sam_nothing(ranks, mode, reduced):
+    rank0, rank1 = ranks[mode]
+    assert rank0["allreduces_per_step"] == [1] * STEPS
+    assert rank0["collectives"] == [[reduced] if reduced else []] * STEPS  # LayerNorm(16): 32 numbers
+    for step in range(STEPS):
+        assert max_weight_difference(rank0["perturbed"][step], rank1["perturbed"][step]) == 0.0
+    reference = single_process(mode)
+    assert max(max_weight_difference(rank0["weights"][s], reference[s]) for s in range(STEPS)) <= 1e-5
+
+
+def test_bf16_mixed_keeps_the_ranks_identical(ranks):
+    rank0, rank1 = ranks["way=dropin,precision=bf16-mixed"]
+    assert all(max_weight_difference(a, b) == 0.0
+               for a, b in zip(rank0["weights"], rank1["weights"], strict=True))
+    reference = single_process("way=dropin,precision=bf16-mixed")
+    deviation = max(max_weight_difference(rank0["weights"][s], reference[s]) for s in range(STEPS))
+    print(f"bf16-mixed: max |w_ddp - w_single| over {STEPS} steps: {deviation:.3e}")
+    assert deviation <= 1e-2  # bf16 autocast on batches of 4 instead of 8
+
+
+def test_one_pass_estimates_from_the_all_reduced_gradient(ranks):
+    rank0, rank1 = ranks["way=dropin,reduction=onepass"]
     assert rank0["allreduces_per_step"] == [1] * STEPS  # one pass per step
     for step in range(STEPS):  # the direction comes from the same, all-reduced gradient on both ranks
-        assert all(torch.equal(a, b) for a, b in zip(rank0["first_grads"][step], rank1["first_grads"][step],
-                                                     strict=True))
-    deviation = max(max_weight_difference(rank0["weights"][s], weights[s]) for s in range(STEPS))
+        assert max_weight_difference(rank0["first_grads"][step], rank1["first_grads"][step]) == 0.0
+    reference = single_process("way=dropin,reduction=onepass")
+    deviation = max(max_weight_difference(rank0["weights"][s], reference[s]) for s in range(STEPS))
     print(f"one-pass DDP vs one process: {deviation:.3e}")
     assert deviation <= 1e-5
 
 
-@pytest.mark.parametrize("mode", ["msam", "dropin-msam"])
-def test_m_sam_first_pass_is_local_and_weights_still_agree(tmp_path, mode):
-    rank0, rank1 = launch(tmp_path, mode)
+@pytest.mark.parametrize("mode", ["way=mixin,reduction=msam,resync=3", "way=dropin,reduction=msam,resync=3"])
+def test_m_sam_first_pass_is_local_and_weights_still_agree(ranks, mode):
+    rank0, rank1 = ranks[mode]
     assert rank0["allreduces_per_step"] == [1] * STEPS  # the second pass only
+    assert rank0["collectives"] == [[]] * STEPS
     for step in range(STEPS):  # each rank perturbed with its own half-batch gradient
         assert max_weight_difference(rank0["first_grads"][step], rank1["first_grads"][step]) > 1e-3
     divergence = [max_weight_difference(rank0["weights"][s], rank1["weights"][s]) for s in range(STEPS)]
@@ -105,3 +159,11 @@ def test_m_sam_first_pass_is_local_and_weights_still_agree(tmp_path, mode):
     assert rank0["resyncs"] == rank1["resyncs"] == STEPS // 3
     for step in (2, 5):  # global_step 3 and 6: rank 0's weights were just broadcast
         assert divergence[step] == 0.0
+
+
+@pytest.mark.parametrize("way", ["dropin", "mixin"])
+def test_rho_zero_is_a_no_op_under_ddp(ranks, way):
+    plain, zero = ranks[f"way={way},method=none"], ranks[f"way={way},rho=0"]
+    for rank in (0, 1):
+        for step in range(STEPS):
+            assert max_weight_difference(zero[rank]["weights"][step], plain[rank]["weights"][step]) == 0.0

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import (
+    DDPStrategy,
     DeepSpeedStrategy,
     FSDPStrategy,
     ModelParallelStrategy,
@@ -45,6 +46,7 @@ from lightning_nusam.engine import (
     DEFAULT_RESYNC_EVERY,
     PLAIN_STEP,
     BatchNormUpdate,
+    FirstPassReduction,
     PassName,
     StepEngine,
     StepPlan,
@@ -95,9 +97,15 @@ class SharpnessAwareCallback(Callback):
         one_pass: experimental, νSAM/νSAM-Norm/GaussSAM only: a perturbed step runs one
             forward/backward pass at ``w + ε_t`` with ``ε_t`` from the direction estimated on
             the previous step's gradient (not the paper's algorithm; see the README).
-        sync_first_pass: all-reduce the first-pass gradients under DDP (Algorithm 3, default), so
-            every rank applies the same ε; ``False`` gives m-SAM (each rank perturbs with its
-            own gradient; the second pass is always all-reduced).
+        sync_first_pass: under DDP every rank applies the ε of the mean first-pass gradient
+            (Algorithm 3, default); ``False`` gives m-SAM (each rank perturbs with its own
+            gradient; the second pass is always all-reduced).
+        first_pass_reduction: how a synced first pass communicates under DDP: ``"auto"``
+            (default) only what the perturbation reads: νSAM and νSAM-Norm all-reduce the power
+            iteration's products (Σ(n+m) numbers per iteration instead of the gradient), SAM-ON
+            the normalisation layers' gradients, GaussSAM nothing, SAM the whole gradient;
+            ``"gradients"`` all-reduces the whole first-pass gradient for every method. Sharded
+            strategies (FSDP2's ModelParallelStrategy, FSDPStrategy) always reduce the gradient.
         resync_every: under m-SAM with a restore by subtraction (νSAM/GaussSAM on fp32
             weights), ``w + ε − ε`` rounds differently on each rank; every ``resync_every``
             steps rank 0's weights are broadcast so the ranks stay identical. ``0`` disables it.
@@ -123,6 +131,7 @@ class SharpnessAwareCallback(Callback):
         rho_final: float | None = None,
         one_pass: bool = False,
         sync_first_pass: bool = True,
+        first_pass_reduction: FirstPassReduction = "auto",
         resync_every: int = DEFAULT_RESYNC_EVERY,
         batchnorm_update: BatchNormUpdate = "first",
         same_random_draws: bool = True,
@@ -139,6 +148,8 @@ class SharpnessAwareCallback(Callback):
                                         every_n_steps=every_n_steps, rho_schedule=rho_schedule,
                                         rho_final=rho_final, one_pass=one_pass)
         self.sync_first_pass = check_flag("sync_first_pass", sync_first_pass)
+        self.first_pass_reduction = check_choice("first_pass_reduction", first_pass_reduction,
+                                                 ("auto", "gradients"))
         self.resync_every = check_count("resync_every", resync_every, 0, whole_floats=True)
         self.batchnorm_update = check_choice("batchnorm_update", batchnorm_update,
                                              ("first", "second", "both"))
@@ -296,6 +307,8 @@ class SharpnessAwareCallback(Callback):
                 "(SGD, AdamW, ...)"
             )
         self._engine = StepEngine(pl_module, self._perturbation, sync_first_pass=self.sync_first_pass,
+                                  first_pass_reduction=self.first_pass_reduction,
+                                  replicas=data_parallel_group(trainer),
                                   batchnorm_update=self.batchnorm_update,
                                   same_random_draws=self.same_random_draws, resync_every=self.resync_every)
         self._engine.resyncs, self._trainer = self._restored_resyncs, trainer
@@ -563,6 +576,15 @@ class _LightningPasses:
 
     def no_sync(self) -> contextlib.AbstractContextManager[Any]:
         return _no_sync(self.trainer.strategy)()
+
+
+def data_parallel_group(trainer: pl.Trainer) -> dist.ProcessGroup | None:
+    """The process group DDP averages gradients over, when there is more than one process (a
+    sharded strategy reduces its gradients itself: None)."""
+    strategy = trainer.strategy
+    if not isinstance(strategy, DDPStrategy) or strategy.world_size < 2:
+        return None
+    return getattr(strategy.model, "process_group", None) or dist.group.WORLD
 
 
 def _no_sync(strategy: pl.strategies.Strategy) -> Callable[[], contextlib.AbstractContextManager[Any]]:

@@ -5,8 +5,10 @@ Every way in (the drop-in callback, :class:`~lightning_nusam.SAMMixin`, a plain 
 :meth:`StepEngine.step` is the whole step, the paper's Algorithm 3 with accumulation::
 
     first pass:   for each micro-batch j: forward + backward(loss_j / k)   at w
-                  (gradients all-reduced on the last one only; never for m-SAM)
-    perturb(ρ_t)  w ← w + ε from the accumulated first-pass gradient
+                  (data parallel: no gradient all-reduce when the perturbation reduces what it
+                  reads itself, else on the last micro-batch; never for m-SAM)
+    perturb(ρ_t)  w ← w + ε from the accumulated first-pass gradient (νSAM under DDP: from the
+                  power iteration's products averaged over the ranks, Σ(n+m) numbers)
     zero grads
     second pass:  for each micro-batch j that gave a loss: forward + backward(loss_j / k)
                   at w + ε, with the random state j's first pass had (dropout masks, draws);
@@ -51,6 +53,12 @@ if TYPE_CHECKING:
 
 PassName = Literal["first", "second"]
 BatchNormUpdate = Literal["first", "second", "both"]
+
+#: How a synced first pass (``sync_first_pass=True``) is synchronised under data parallelism:
+#: ``"auto"`` communicates only what the perturbation reads (νSAM: the power iteration's products;
+#: SAM-ON: the normalisation layers' gradients; GaussSAM: nothing; SAM: the gradient);
+#: ``"gradients"`` all-reduces the whole first-pass gradient as SAM does.
+FirstPassReduction = Literal["auto", "gradients"]
 
 #: Default interval (optimizer steps) at which m-SAM re-broadcasts rank 0's weights; see
 #: :meth:`StepEngine.end`.
@@ -234,8 +242,12 @@ class StepEngine:
         model: the module trained (its BatchNorm layers, metrics and, for m-SAM, weights).
         perturbation: the method, or None for plain steps only (a mixin module without a
             sharpness-aware callback).
-        sync_first_pass: all-reduce the first-pass gradients under data parallelism (Algorithm
-            3), so that every rank applies the same ε; ``False`` is m-SAM.
+        sync_first_pass: every rank applies the ε of the mean first-pass gradient under data
+            parallelism (Algorithm 3); ``False`` is m-SAM (each rank its own).
+        first_pass_reduction: how a synced first pass communicates: ``"auto"`` only what the
+            perturbation reads (with ``replicas``), ``"gradients"`` the whole gradient.
+        replicas: the data-parallel process group (DDP's), or None (one process, or a sharded
+            strategy whose gradients the first pass must reduce itself).
         batchnorm_update: which pass updates BatchNorm running statistics: ``"first"`` (at
             ``w``), ``"second"`` or ``"both"``.
         same_random_draws: both passes of a micro-batch draw the same random numbers (dropout
@@ -262,6 +274,8 @@ class StepEngine:
         perturbation: Perturbation | None,
         *,
         sync_first_pass: bool = True,
+        first_pass_reduction: FirstPassReduction = "auto",
+        replicas: dist.ProcessGroup | None = None,
         batchnorm_update: BatchNormUpdate = "first",
         same_random_draws: bool = True,
         resync_every: int = DEFAULT_RESYNC_EVERY,
@@ -269,6 +283,8 @@ class StepEngine:
         self.model = model
         self.perturbation = perturbation
         self.sync_first_pass = sync_first_pass
+        self.first_pass_reduction = first_pass_reduction
+        self.replicas = replicas
         self.batchnorm_update = batchnorm_update
         self.same_random_draws = same_random_draws
         self.resync_every = resync_every
@@ -279,6 +295,13 @@ class StepEngine:
         self._open: contextlib.ExitStack | None = None
         self._current: _MicroBatch | None = None
         self._current_is_last = False
+
+    @property
+    def perturbation_reduces(self) -> bool:
+        """Whether a synced first pass runs without the gradient all-reduce, the perturbation
+        averaging over :attr:`replicas` only what it reads."""
+        return (self.replicas is not None and self.sync_first_pass and self.first_pass_reduction == "auto"
+                and self.perturbation is not None and self.perturbation.replica_reduction != "gradient")
 
     # ----------------------------------------------------------------------------- the step
     def step(self, passes: Passes, micro_batches: Sequence[tuple[Any, int]], optimizer: torch.optim.Optimizer,
@@ -357,7 +380,7 @@ class StepEngine:
         if plan.two_pass:
             if self.same_random_draws:
                 micro_batch.random_state = RandomState.capture(self._cuda_devices())
-            sync = last and self.sync_first_pass
+            sync = last and self.sync_first_pass and not self.perturbation_reduces
             if self.batchnorm_update == "second":
                 stack.enter_context(frozen_running_stats(self.model))
             name: PassName | None = "first"
@@ -427,7 +450,8 @@ class StepEngine:
         if not trained:
             self._restore_random_state(step.random_state_after)
             return last_pass() if last_pass is not None else None
-        self.perturbation.perturb(step.plan.rho)
+        replicas = self.replicas if self.perturbation_reduces else None
+        self.perturbation.perturb(step.plan.rho, replicas=replicas)
         step.perturbed = self.perturbation.is_perturbed
         result = None
         try:

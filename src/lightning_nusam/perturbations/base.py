@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from lightning_nusam.checks import check_rho
@@ -65,6 +66,12 @@ class Perturbation(abc.ABC):
     #: the direction estimated from the previous step's gradient). The ℓ2 methods cannot: their
     #: direction is the whole gradient, which would have to be kept between steps.
     supports_one_pass: bool = False
+    #: What :meth:`perturb` communicates with ``replicas`` (data parallelism without the first
+    #: pass's gradient all-reduce): ``"vectors"`` (νSAM: the power iteration's products),
+    #: ``"selected gradients"`` (SAM-ON: the normalisation layers' gradients), ``"nothing"``
+    #: (GaussSAM: ε does not read the gradient), or ``"gradient"`` (SAM: ε is elementwise in the
+    #: whole gradient, so it is better all-reduced by the first pass itself, overlapped with backward).
+    replica_reduction: ClassVar[str] = "gradient"
     #: Checks of the options (argument name → a function returning the accepted value or raising
     #: a ``ValueError`` that names the argument), applied by :meth:`check_options`.
     option_checks: ClassVar[dict[str, Callable[[Any], Any]]] = {"rho": check_rho}
@@ -179,17 +186,22 @@ class Perturbation(abc.ABC):
         return self._applied_rho if self._is_perturbed else 0.0
 
     @torch.no_grad()
-    def perturb(self, rho: float | None = None) -> None:
+    def perturb(self, rho: float | None = None, *, replicas: dist.ProcessGroup | None = None) -> None:
         """Read ``p.grad`` of the selected parameters and add ``ε`` to them in place.
 
         ``rho`` overrides :attr:`rho` for this step only (a radius schedule); :meth:`restore`
         removes exactly what was added whatever :attr:`rho` is then. Raises ``RuntimeError``
         when the model has no gradient at all (no backward pass before it).
+
+        ``replicas``: the data-parallel process group when ``p.grad`` holds this process's own
+        gradient (DDP's first pass without its all-reduce). ``ε`` is then that of the mean
+        gradient over the group, the same on every process, and only what it needs is
+        communicated (:attr:`replica_reduction`).
         """
         self._check_not_perturbed("perturb")
         self._follow_model()
         self._require_gradients("perturb")
-        self._estimate()
+        self._estimate(replicas)
         self._apply_checked(rho)
 
     @torch.no_grad()
@@ -200,7 +212,7 @@ class Perturbation(abc.ABC):
         self._check_not_perturbed("estimate")
         self._follow_model()
         self._require_gradients("estimate")
-        self._estimate()
+        self._estimate(None)
 
     @torch.no_grad()
     def apply(self, rho: float | None = None, *, repeat: bool = False) -> None:
@@ -361,8 +373,9 @@ class Perturbation(abc.ABC):
 
     # ----------------------------------------------------------------------------- subclasses
     @abc.abstractmethod
-    def _estimate(self) -> None:
-        """Read the gradients and keep what :meth:`_apply` needs (no weight changes)."""
+    def _estimate(self, replicas: dist.ProcessGroup | None) -> None:
+        """Read the gradients and keep what :meth:`_apply` needs (no weight changes); with
+        ``replicas``, for the mean of the replicas' gradients (see :meth:`perturb`)."""
 
     @abc.abstractmethod
     def _apply(self, rho: float, repeat: bool) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from lightning_nusam.checks import check_choice, check_integer
@@ -62,6 +63,7 @@ class GaussianPerturbation(Perturbation):
         "exact_restore": lambda v: check_choice("exact_restore", v, (None, True, False)),
     }
     supports_one_pass = True
+    replica_reduction = "nothing"
 
     def __init__(
         self,
@@ -112,10 +114,11 @@ class GaussianPerturbation(Perturbation):
     def has_direction(self) -> bool:
         return bool(self._estimated)
 
-    def _estimate(self) -> None:
-        """The direction is random: only remember which parameters have a gradient."""
-        self._estimated = [i for i, item in enumerate(self._selected)
-                           if item.parameter.requires_grad and dense_gradient(item) is not None]
+    def _estimate(self, replicas: dist.ProcessGroup | None) -> None:
+        """The direction is random: only remember which parameters have a gradient (with
+        ``replicas``, which train: the same set on every process, nothing to communicate)."""
+        self._estimated = [i for i, item in enumerate(self._selected) if item.parameter.requires_grad
+                           and (replicas is not None or dense_gradient(item) is not None)]
 
     def _apply(self, rho: float, repeat: bool) -> None:
         indices = self._estimated

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from lightning_nusam.checks import check_flag, check_positive, check_types
@@ -29,7 +30,7 @@ from lightning_nusam.perturbations.selection import (
     select_all,
     select_norm_layers,
 )
-from lightning_nusam.perturbations.sharding import RowSharding, all_reduce_sum, local
+from lightning_nusam.perturbations.sharding import RowSharding, all_reduce_sum, average_over, local
 
 
 def squared_norm(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -140,10 +141,20 @@ class L2Perturbation(Perturbation):
     def has_direction(self) -> bool:
         return bool(self._estimated)
 
-    def _estimate(self) -> None:
-        """The parameters with a gradient and ``1 / (‖T g‖ + τ)``; the direction is ``g`` itself."""
-        indices = [i for i, item in enumerate(self._selected)
-                   if item.parameter.requires_grad and dense_gradient(item) is not None]
+    def _estimate(self, replicas: dist.ProcessGroup | None) -> None:
+        """The parameters with a gradient and ``1 / (‖T g‖ + τ)``; the direction is ``g`` itself.
+        With ``replicas`` the selected gradients are first averaged over them, in place, in one
+        collective call (a missing one counts as zero)."""
+        trains = [i for i, item in enumerate(self._selected) if item.parameter.requires_grad]
+        if replicas is not None:
+            if self._sharding() is not None:
+                raise ValueError("`replicas` cannot be combined with row-sharded (FSDP2) parameters")
+            for i in trains:
+                parameter = self._selected[i].parameter
+                if parameter.grad is None:
+                    parameter.grad = torch.zeros_like(parameter)
+            average_over(replicas, [self._selected[i].parameter.grad for i in trains])
+        indices = [i for i in trains if dense_gradient(self._selected[i]) is not None]
         self._estimated = []
         if not indices:
             return
@@ -226,6 +237,7 @@ class NormLayerPerturbation(L2Perturbation):
         ['1.weight', '1.bias']
     """
 
+    replica_reduction = "selected gradients"
     option_checks: ClassVar[dict[str, Callable[[Any], Any]]] = {
         **Perturbation.option_checks,
         "extra_norm_types": lambda v: () if v is None else check_types("extra_norm_types", v),

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from lightning_nusam.checks import (
@@ -40,7 +41,14 @@ from lightning_nusam.perturbations.exact import (
     remove_exactly,
     resolve_exact_restore,
 )
-from lightning_nusam.perturbations.power_iteration import batched_power_iteration, looped_power_iteration
+from lightning_nusam.perturbations.power_iteration import (
+    Products,
+    batched_power_iteration,
+    looped_power_iteration,
+    looped_products,
+    replicated_power_iteration,
+    stacked_products,
+)
 from lightning_nusam.perturbations.selection import (
     DEFAULT_NUCLEAR_EXCLUDE,
     SelectedParameter,
@@ -53,6 +61,7 @@ from lightning_nusam.perturbations.sharding import (
     RowSharding,
     all_gather_rows,
     all_reduce_sum,
+    average_over,
     local,
 )
 
@@ -145,6 +154,10 @@ class NuclearPerturbation(Perturbation):
     One-pass use: :meth:`estimate` after a backward pass keeps ``(u, v)``; :meth:`apply` adds
     ``ρ u vᵀ`` from them before the next forward pass (``supports_one_pass``).
 
+    Data parallelism: ``perturb(replicas=group)`` reads this process's own first-pass gradient and
+    gives every process the ``ε`` of the mean gradient, all-reducing only the power iteration's
+    products (Σ(nᵢ + mᵢ) numbers per iteration, in two collective calls), not the gradient.
+
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
         >>> nusam = NuclearPerturbation(model, rho=0.1)
@@ -171,6 +184,7 @@ class NuclearPerturbation(Perturbation):
         "exact_restore": lambda v: check_choice("exact_restore", v, (None, True, False)),
     }
     supports_one_pass = True
+    replica_reduction = "vectors"
 
     def __init__(
         self,
@@ -270,10 +284,13 @@ class NuclearPerturbation(Perturbation):
         return groups
 
     # ----------------------------------------------------------------------------- step
-    def _estimate(self) -> None:
+    def _estimate(self, replicas: dist.ProcessGroup | None) -> None:
         for group in self._groups:
             group.estimated_rows = []
-        estimates = [est for group in self._groups for est in self._power_iteration(group)]
+        if replicas is None:
+            estimates = [est for group in self._groups for est in self._power_iteration(group)]
+        else:
+            estimates = self._replicated_power_iteration(replicas)
         if not estimates:
             return
         finite = torch.stack(
@@ -340,11 +357,46 @@ class NuclearPerturbation(Perturbation):
             del grads
             yield _Estimate(group, chunk_rows, u, v, sigma)
 
+    def _replicated_power_iteration(self, replicas: dist.ProcessGroup) -> list[_Estimate]:
+        """Algorithm 2 for the mean gradient over the data-parallel ``replicas`` from this
+        process's own gradients: every matrix that trains takes part (a missing gradient counts
+        as zero, so that all processes reduce the same numbers), and each half-step averages the
+        products of all matrices in one collective call (see ``replicated_power_iteration``)."""
+        stacks: list[tuple[_ShapeGroup, list[int], torch.Tensor]] = []
+        operators: list[Products] = []
+        for group in self._groups:
+            if group.sharding is not None:
+                raise ValueError("`replicas` cannot be combined with row-sharded (FSDP2) parameters, "
+                                 "whose gradients are reduced by the sharding itself")
+            rows = [i for i, item in enumerate(group.members) if item.parameter.requires_grad]
+            if not rows:
+                continue
+            self._follow_device(group)
+            n, m = group.u.shape[1], group.v.shape[1]
+            batched = self.batched if self.batched != "auto" else n * m <= AUTO_BATCH_MAX_NUMEL
+            grads = [self._grad_matrix(group, row, zero_if_missing=True) for row in rows]
+            chunk = max(1, self.max_stack_numel // (n * m)) if batched else len(rows)
+            for start in range(0, len(rows), chunk):
+                chunk_rows, chunk_grads = rows[start:start + chunk], grads[start:start + chunk]
+                u_start = group.u if len(chunk_rows) == len(group.members) else group.u[chunk_rows]
+                products = stacked_products(torch.stack(chunk_grads)) if batched and len(chunk_rows) > 1 \
+                    else looped_products(chunk_grads)
+                stacks.append((group, chunk_rows, u_start))
+                operators.append(products)
+        results = replicated_power_iteration(operators, [u for _, _, u in stacks], self.power_iterations,
+                                             self.tau, lambda tensors: average_over(replicas, tensors))
+        return [_Estimate(group, rows, u, v, sigma)
+                for (group, rows, _), (u, v, sigma) in zip(stacks, results, strict=True)]
+
     @staticmethod
-    def _grad_matrix(group: _ShapeGroup, row: int) -> torch.Tensor:
-        """This rank's rows of the gradient as a matrix in the vectors' dtype (no copy for fp32)."""
-        grad = local(group.members[row].parameter.grad)
-        return _as_matrix(grad).to(group.u.dtype)
+    def _grad_matrix(group: _ShapeGroup, row: int, zero_if_missing: bool = False) -> torch.Tensor:
+        """This rank's rows of the gradient as a matrix in the vectors' dtype (no copy for fp32);
+        with ``zero_if_missing``, zeros for a parameter without a (dense) gradient."""
+        item = group.members[row]
+        grad = dense_gradient(item)
+        if grad is None and zero_if_missing:
+            return torch.zeros(group.u.shape[1], group.v.shape[1], dtype=group.u.dtype, device=group.u.device)
+        return _as_matrix(local(grad)).to(group.u.dtype)
 
     def _store(self, estimate: _Estimate, finite: torch.Tensor, scale: torch.Tensor | None) -> None:
         """Write the new ``u`` (warm start) and the ``v`` to apply, guarding against bad values.

@@ -50,14 +50,7 @@ def batched_power_iteration(
     With ``row_reduce`` the matrices are this rank's rows of row-sharded matrices: ``Aᵀu`` and
     ``‖Av‖²`` are summed over the ranks, and ``u`` holds this rank's rows.
     """
-    return _iterate(
-        lambda u_: torch.bmm(matrices.transpose(1, 2), u_.unsqueeze(-1)).squeeze(-1),
-        lambda v_: torch.bmm(matrices, v_.unsqueeze(-1)).squeeze(-1),
-        u,
-        iterations,
-        tau,
-        row_reduce,
-    )
+    return _iterate(*stacked_products(matrices), u, iterations, tau, row_reduce)
 
 
 def looped_power_iteration(
@@ -69,14 +62,51 @@ def looped_power_iteration(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """As :func:`batched_power_iteration` for a list of equally shaped matrices, one ``mv`` per
     matrix (each read in place, no stacked copy); only the small vectors are stacked."""
-    return _iterate(
-        lambda u_: torch.stack([torch.mv(a.t(), row) for a, row in zip(matrices, u_, strict=True)]),
-        lambda v_: torch.stack([torch.mv(a, row) for a, row in zip(matrices, v_, strict=True)]),
-        u,
-        iterations,
-        tau,
-        row_reduce,
-    )
+    return _iterate(*looped_products(matrices), u, iterations, tau, row_reduce)
+
+
+Products = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
+
+
+def stacked_products(matrices: torch.Tensor) -> Products:
+    """``(u ↦ Aᵀu, v ↦ A v)`` for a stack ``(B, n, m)``: one ``bmm`` each."""
+    return (lambda u_: torch.bmm(matrices.transpose(1, 2), u_.unsqueeze(-1)).squeeze(-1),
+            lambda v_: torch.bmm(matrices, v_.unsqueeze(-1)).squeeze(-1))
+
+
+def looped_products(matrices: Sequence[torch.Tensor]) -> Products:
+    """The same for a list of equally shaped matrices, one ``mv`` per matrix (read in place)."""
+    return (lambda u_: torch.stack([torch.mv(a.t(), row) for a, row in zip(matrices, u_, strict=True)]),
+            lambda v_: torch.stack([torch.mv(a, row) for a, row in zip(matrices, v_, strict=True)]))
+
+
+def replicated_power_iteration(
+    operators: Sequence[Products],
+    u: Sequence[torch.Tensor],
+    iterations: int,
+    tau: float,
+    average: Callable[[list[torch.Tensor]], object],
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Algorithm 2 on the mean ``G = (1/R) Σ_r G_r`` of each replica's matrices, all stacks in
+    lockstep, reading only the local ``G_r``.
+
+    ``operators[i]`` are ``(u ↦ G_rᵀu, v ↦ G_r v)`` of a stack ``(B, n, m)`` of this replica's
+    matrices and ``u[i]`` its start vectors ``(B, n)``. Since ``Gᵀu = (1/R) Σ_r G_rᵀu`` and
+    ``G v = (1/R) Σ_r G_r v``, averaging the local products gives the same ``u``, ``v``, ``σ`` on
+    every replica as the power iteration on ``G``; ``average`` does it for the products of all
+    stacks at once, so an iteration costs two collective calls of Σm and Σn numbers. Returns
+    ``(u, v, σ)`` per stack.
+    """
+    us, vs, sigmas = list(u), [], []
+    for _ in range(iterations):
+        vs = [transpose_times(u_) for (transpose_times, _), u_ in zip(operators, us, strict=True)]
+        average(vs)
+        vs = [v / (torch.linalg.vector_norm(v, dim=1, keepdim=True) + tau) for v in vs]
+        us = [times(v) for (_, times), v in zip(operators, vs, strict=True)]
+        average(us)
+        sigmas = [u_.square().sum(dim=1).sqrt() for u_ in us]
+        us = [u_ / (sigma.unsqueeze(1) + tau) for u_, sigma in zip(us, sigmas, strict=True)]
+    return list(zip(us, vs, sigmas, strict=True))
 
 
 def _iterate(

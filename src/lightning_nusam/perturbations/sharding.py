@@ -6,6 +6,10 @@ of rows, in ``torch.chunk`` order. The perturbations work on the local block (``
 which shares storage, so in-place updates reach the parameter) and all-reduce only what spans
 the rows: the m-vector ``Gᵀu`` of the power iteration and squared norms. Nothing here gathers
 a matrix or a gradient.
+
+Data-parallel replicas (DDP) are the other case: every process holds the whole parameter and its
+own gradient. :func:`average_over` averages small tensors over them (νSAM's power-iteration
+products, SAM-ON's few gradients) in one collective call.
 """
 
 from __future__ import annotations
@@ -81,6 +85,23 @@ def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> tor
     if group is not None:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
+
+
+def average_over(group: dist.ProcessGroup, tensors: list[torch.Tensor]) -> None:
+    """Replace each tensor by its mean over the processes of ``group`` (data-parallel replicas),
+    with one ``all_reduce`` per dtype: the tensors are concatenated into one flat buffer."""
+    world_size = dist.get_world_size(group)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        by_dtype.setdefault(tensor.dtype, []).append(tensor)
+    for same in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in same])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        flat.div_(world_size)
+        offset = 0
+        for tensor in same:
+            tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
+            offset += tensor.numel()
 
 
 def all_gather_rows(local_rows: torch.Tensor, sharding: RowSharding) -> torch.Tensor:
