@@ -4,6 +4,7 @@ modules and Trainer settings."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from pathlib import Path
 
@@ -281,3 +282,77 @@ def subprocess_env(extra_path: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([extra_path, os.environ.get("PYTHONPATH", "")])
     env.pop("CUDA_VISIBLE_DEVICES", None)
     return env
+
+
+# language models offline -------------------------------------------------------------------------
+WORDS = ("the a film movie plot actor scene story was is very quite good great bad awful boring fun "
+         "cat dog sat on mat ran fast slow man woman said that it".split())
+TINY_BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "intermediate_size": 64, "max_position_embeddings": 64}
+
+
+def sentence(generator: random.Random, positive: bool | None = None) -> str:
+    words = [generator.choice(WORDS) for _ in range(generator.randint(3, 9))]
+    if positive is not None:
+        words.insert(generator.randint(0, len(words)), "good" if positive else "awful")
+    return " ".join(words)
+
+
+def write_glue(root: Path, rows: int = 24) -> Path:
+    """Every GLUE task's train/dev TSV in the official layout, with made-up sentences."""
+    generator = random.Random(0)
+    layouts = {
+        "CoLA": (None, lambda: ["src", str(generator.randint(0, 1)), "*", sentence(generator)]),
+        "SST-2": (["sentence", "label"],
+                  lambda: [sentence(generator, p := generator.random() < 0.5), str(int(p))]),
+        "MRPC": (["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"],
+                 lambda: [str(generator.randint(0, 1)), "1", "2", sentence(generator), sentence(generator)]),
+        "STS-B": (["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1",
+                   "sentence2", "score"],
+                  lambda: ["0", "g", "f", "y", "0", "s", "s", sentence(generator), sentence(generator),
+                           f"{generator.uniform(0, 5):.3f}"]),
+        "QQP": (["id", "qid1", "qid2", "question1", "question2", "is_duplicate"],
+                lambda: ["0", "1", "2", sentence(generator), sentence(generator),
+                         str(generator.randint(0, 1))]),
+        "MNLI": (["index", "sentence1", "sentence2", "gold_label"],
+                 lambda: ["0", sentence(generator), sentence(generator),
+                          generator.choice(["contradiction", "entailment", "neutral"])]),
+        "QNLI": (["index", "question", "sentence", "label"],
+                 lambda: ["0", sentence(generator), sentence(generator),
+                          generator.choice(["entailment", "not_entailment"])]),
+        "RTE": (["index", "sentence1", "sentence2", "label"],
+                lambda: ["0", sentence(generator), sentence(generator),
+                         generator.choice(["entailment", "not_entailment"])]),
+    }
+    for folder, (header, make_row) in layouts.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        dev = "dev_matched.tsv" if folder == "MNLI" else "dev.tsv"
+        for name, count in (("train.tsv", rows), (dev, rows // 2)):
+            lines = (["\t".join(header)] if header else []) + ["\t".join(make_row()) for _ in range(count)]
+            (root / folder / name).write_text("\n".join(lines) + "\n")
+    return root
+
+
+def save_tiny_bert(directory: Path, num_labels: int = 2) -> Path:
+    """A word-level tokenizer over the test vocabulary and a tiny random BERT, save_pretrained."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    backend = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=specials))
+    cls, sep = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                                        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                        model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+    fields = {k: v for k, v in TINY_BERT.items() if k != "model_type"}
+    config = AutoConfig.for_model("bert", vocab_size=len(tokenizer), num_labels=num_labels, **fields)
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -1,14 +1,22 @@
 """Every YAML config parses and runs one step at reduced size through the `nusam` CLI."""
 
+import importlib.util
+import inspect
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+import lightning_nusam
 from helpers import write_fake_cifar
+from lightning_nusam import SharpnessAwareCallback
 from lightning_nusam.cli import cli_main
+from lightning_nusam.packaged_configs import resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -62,7 +70,7 @@ def make_weights(config: Path, tmp_path: Path) -> Path:
 @pytest.mark.parametrize("config", MODEL_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_config_runs_one_fast_step(config, tmp_path, fake_cifar):
     args = ["fit", "-c", str(config)]
-    if "callbacks" not in config.read_text():
+    if "\nmethod:" not in config.read_text():  # a model config: add the method
         args += ["-c", str(CONFIGS / "methods" / "nusam.yaml")]
     cli = cli_main([*args, *reduced_size_arguments(config, tmp_path, fake_cifar)])
     assert cli.trainer.state.finished and cli.trainer.global_step == 2
@@ -111,44 +119,40 @@ CALLBACK_CLASSES = ["NuSAM", "NuSAMNorm", "SAM", "SAMON", "GaussSAM"]
 @pytest.mark.parametrize("name", CALLBACK_CLASSES)
 def test_cli_help_shows_every_argument_of_every_callback(name, capsys):
     """Every option of the method's perturbation class and every common option, read from their
-    signatures (the options are declared there only)."""
-    import inspect
-
-    import lightning_nusam
-    from lightning_nusam import SharpnessAwareCallback
-
+    signatures (the options are declared there only), under ``method`` and ``trainer.callbacks``."""
     callback = getattr(lightning_nusam, name)
     own = [n for n in inspect.signature(callback.perturbation_class).parameters if n != "model"]
     common = [n for n, p in inspect.signature(SharpnessAwareCallback.__init__).parameters.items()
               if p.kind is inspect.Parameter.KEYWORD_ONLY]
     assert {"rho", "start_fraction", "same_random_draws"} <= set(own + common)
-    with pytest.raises(SystemExit) as done:
-        cli_main(["fit", f"--trainer.callbacks=lightning_nusam.{name}", "--trainer.callbacks.help",
-                  f"lightning_nusam.{name}"])
-    assert done.value.code in (0, None)
-    shown = capsys.readouterr().out
-    for option in own + common:
-        assert f"--trainer.callbacks.{option} " in shown, (name, option)
+    for key in ("method", "trainer.callbacks"):
+        with pytest.raises(SystemExit) as done:
+            cli_main(["fit", f"--{key}=lightning_nusam.{name}", f"--{key}.help", f"lightning_nusam.{name}"])
+        assert done.value.code in (0, None)
+        shown = capsys.readouterr().out
+        for option in own + common:
+            assert f"--{key}.{option} " in shown, (key, name, option)
 
 
 def test_every_common_option_is_accepted_from_yaml(tmp_path):
     config = tmp_path / "options.yaml"
     config.write_text("""
-trainer:
-  callbacks:
-    - class_path: lightning_nusam.NuSAM
-      init_args:
-        rho: 0.2
-        power_iterations: 2
-        include: "*mlp*"
-        start_epoch: 1
-        every_n_steps: 2
-        rho_schedule: linear
-        rho_final: 0.05
-        one_pass: true
-        sync_first_pass: true
-        resync_every: 10
-        batchnorm_update: first
+method:
+  class_path: lightning_nusam.NuSAM
+  init_args:
+    rho: 0.2
+    power_iterations: 2
+    include: "*mlp*"
+    start_epoch: 1
+    every_n_steps: 2
+    rho_schedule: linear
+    rho_final: 0.05
+    one_pass: true
+    sync_first_pass: true
+    first_pass_reduction: gradients
+    resync_every: 10
+    batchnorm_update: first
+    same_random_draws: false
 """)
     cli = cli_main(["-c", str(CONFIGS / "quickstart.yaml"), "-c", str(config), "--trainer.fast_dev_run=1",
                     f"--trainer.default_root_dir={tmp_path}"], run=False)
@@ -158,3 +162,158 @@ trainer:
             schedule.every_n_steps) == (0.2, 2, ("*mlp*",), 1, 2)
     assert (schedule.rho_schedule, schedule.rho_final, schedule.one_pass, sam.resync_every) == (
         "linear", 0.05, True, 10)
+    assert (sam.first_pass_reduction, sam.same_random_draws) == ("gradients", False)
+
+
+# configs that compose ------------------------------------------------------------------------------
+def the_method(cli) -> SharpnessAwareCallback | None:
+    found = [cb for cb in cli.trainer.callbacks if isinstance(cb, SharpnessAwareCallback)]
+    assert len(found) <= 1
+    return found[0] if found else None
+
+
+def every_option(callback: SharpnessAwareCallback) -> dict:
+    """The callback's options, the perturbation's defaults filled in."""
+    parameters = inspect.signature(callback.perturbation_class).parameters
+    defaults = {n: p.default for n, p in parameters.items() if n != "model"}
+    options = {**callback.perturbation_class.check_options(defaults), **callback.perturbation_options}
+    names = ("sync_first_pass", "first_pass_reduction", "resync_every", "batchnorm_update",
+             "same_random_draws")
+    common = {name: getattr(callback, name) for name in names}
+    return {"class": type(callback), "schedule": callback.schedule, **options, **common}
+
+
+def composed(tmp_path: Path, *args: str):
+    return cli_main([*args, "--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}"], run=False)
+
+
+@pytest.mark.parametrize(("before", "method"), [(["quickstart"], "sam"),
+                                                (["quickstart", "methods/nusam_every2"], "sam"),
+                                                (["quickstart"], "nusam_one_pass"),
+                                                (["quickstart", "methods/asam"], "samon")])
+def test_a_method_config_replaces_the_method_and_nothing_survives(tmp_path, before, method):
+    configs = [argument for config in [*before, f"methods/{method}"] for argument in ("-c", config)]
+    cli = composed(tmp_path, *configs)
+    spec = yaml.safe_load((CONFIGS / "methods" / f"{method}.yaml").read_text())["method"]
+    expected = getattr(lightning_nusam, spec["class_path"].rsplit(".", 1)[1])(**spec["init_args"])
+    assert every_option(the_method(cli)) == every_option(expected)
+
+
+def test_the_method_options_from_the_command_line(tmp_path):
+    cli = composed(tmp_path, "-c", "quickstart", "--method.rho", "0.2", "--method.every_n_steps", "2")
+    sam = the_method(cli)
+    assert type(sam).__name__ == "NuSAM" and sam.rho == 0.2 and sam.schedule.every_n_steps == 2
+    assert sam.schedule.start_epoch == 2  # the rest of quickstart's method stays
+    cli = composed(tmp_path, "-c", "quickstart", "-c", "methods/sam", "--method.rho", "0.3")
+    assert type(the_method(cli)).__name__ == "SAM" and the_method(cli).rho == 0.3
+    cli = composed(tmp_path, "-c", "quickstart", "--method", "lightning_nusam.GaussSAM", "--method.seed", "3")
+    assert type(the_method(cli)).__name__ == "GaussSAM" and the_method(cli).perturbation_options["seed"] == 3
+
+
+def test_methods_adamw_removes_the_method_and_keeps_the_other_callbacks(tmp_path):
+    cli = composed(tmp_path, "-c", "quickstart", "-c", "methods/adamw")
+    assert the_method(cli) is None
+    names = [type(cb).__name__ for cb in cli.trainer.callbacks]
+    assert "ModelCheckpoint" in names and "LearningRateMonitor" in names
+
+
+def test_a_method_listed_under_trainer_callbacks_still_works(tmp_path):
+    legacy = tmp_path / "legacy.yaml"
+    legacy.write_text("trainer:\n  callbacks:\n    - class_path: lightning_nusam.SAM\n"
+                      "      init_args: {rho: 0.2, start_epoch: 0}\n")
+    cli = composed(tmp_path, "-c", "cifar10/mixer_s4", "-c", str(legacy))
+    assert type(the_method(cli)).__name__ == "SAM" and the_method(cli).rho == 0.2
+    both = composed(tmp_path, "-c", "quickstart", "-c", str(legacy))  # and a method under method:
+    with pytest.raises(ValueError, match="more than one sharpness-aware callback"):
+        both.trainer.fit(both.model, datamodule=both.datamodule)
+
+
+def test_nusam_help_lists_every_subcommand():
+    result = subprocess.run([str(Path(sys.executable).parent / "nusam"), "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for subcommand in ("fit", "validate", "test", "predict", "configs", "memory"):
+        assert f"  {subcommand} " in result.stdout, subcommand
+
+
+# every documented command runs -----------------------------------------------------------------------
+def documented_commands() -> list[tuple[str, str]]:
+    """``(where, command)`` for every ``nusam ...`` command in the README (code blocks and inline
+    code), in the config headers and in the ``nusam configs`` descriptions, in that order."""
+    found: list[tuple[str, str]] = []
+    readme = (ROOT / "README.md").read_text()
+    for block in re.findall(r"```bash\n(.*?)```", readme, re.S):
+        for command in block.replace("\\\n", " ").splitlines():
+            if command.strip().startswith("nusam "):
+                found.append(("README", command.split(" #")[0].strip()))
+    found += [("README", c.strip()) for c in re.findall(r"`(nusam [^`]+)`", readme)]
+    for config in sorted(CONFIGS.rglob("*.yaml")):
+        for line in config.read_text().splitlines():
+            match = re.match(r"#\s*(?:then:\s*)?(nusam [^(#]+)", line)
+            if match:
+                found.append((str(config.relative_to(CONFIGS)), match.group(1).strip()))
+    unique: dict[str, str] = {}
+    for where, command in found:
+        command = " ".join(command.split())
+        if "NAME" not in command:  # a placeholder, as in `nusam configs copy NAME`
+            unique.setdefault(command, where)
+    fits_first = sorted(unique.items(), key=lambda item: " test " in item[0] or " validate " in item[0])
+    return [(where, command) for command, where in fits_first]
+
+
+COMMANDS = documented_commands()
+
+
+@pytest.fixture(scope="module")
+def documented_world(tmp_path_factory, fake_cifar) -> Path:
+    """A working directory with what the documented commands read: a tiny BERT where the GLUE
+    configs expect BERT-base, the GLUE tasks' files, ImageNet weights where the fine-tuning
+    configs look for them."""
+    from helpers import save_tiny_bert, write_glue
+
+    world = tmp_path_factory.mktemp("documented")
+    if importlib.util.find_spec("transformers") is not None:
+        save_tiny_bert(world / "models" / "bert-base-uncased")
+        write_glue(world / "data" / "glue")
+    return world
+
+
+def run_documented(command: str, world: Path, fake_cifar: Path) -> None:
+    from lightning_nusam.cli import main
+
+    argv = shlex.split(command)[1:]
+    if argv[0] in ("fit", "validate", "test", "predict") and "help" not in command:
+        configs = [argv[i + 1] for i, a in enumerate(argv) if a == "-c"]
+        model_config = Path(resolve_config(configs[0])) if configs else CONFIGS / "quickstart.yaml"
+        argv += ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+                 "--trainer.limit_test_batches=1", "--trainer.limit_predict_batches=1",
+                 "--trainer.num_sanity_val_steps=0", "--trainer.accelerator=cpu", "--trainer.devices=1",
+                 "--trainer.precision=32-true"]
+        text = model_config.read_text()
+        if "--data.init_args.subset" in command:  # the fake CIFAR has 64 images
+            argv.append("--data.init_args.subset=32")
+        if "TextClassifier" in text:
+            argv += ["--data.init_args.batch_size=4", "--data.init_args.max_length=16"]
+        elif "CIFARDataModule" in text or ("ImageClassifier" in text and "Digits" not in text):
+            argv += [a for a in reduced_size_arguments(model_config, world, fake_cifar)
+                     if not a.startswith(("--trainer.fast_dev_run", "--trainer.default_root_dir"))]
+    try:
+        main(argv)
+    except SystemExit as done:  # --help
+        assert done.code in (0, None), command
+
+
+@pytest.mark.parametrize(("where", "command"), COMMANDS, ids=[c for _, c in COMMANDS])
+def test_every_documented_command_runs(where, command, documented_world, fake_cifar, monkeypatch):
+    if " glue/" in command or "--transformers" in command:
+        pytest.importorskip("transformers")
+    monkeypatch.chdir(documented_world)
+    run_documented(command, documented_world, fake_cifar)
+
+
+def test_the_documented_commands_were_found():
+    commands = [c for _, c in COMMANDS]
+    assert "nusam fit -c quickstart -c methods/sam" in commands
+    assert "nusam test -c quickstart --ckpt_path runs/quickstart/checkpoints/last.ckpt" in commands
+    assert any(c.startswith("nusam memory") for c in commands) and "nusam configs" in commands
+    assert sum(where != "README" for where, _ in COMMANDS) >= 20  # the config headers

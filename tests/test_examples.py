@@ -67,3 +67,28 @@ def test_dropin_example_trains_on_the_digits():
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     assert example.main(epochs=4) > 0.85
+
+
+def test_readme_manual_optimization_example_with_sam_optimizer_trains():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("In Lightning with\nmanual optimization:", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    import lightning as L
+    from torch import nn
+
+    from lightning_nusam.optim import SAMOptimizer
+    from lightning_nusam.perturbations import NuclearPerturbation
+
+    namespace = {"L": L, "nn": nn, "torch": torch, "SAMOptimizer": SAMOptimizer,
+                 "NuclearPerturbation": NuclearPerturbation}
+    exec(compile(code, "README.md", "exec"), namespace)
+    module = namespace["Model"]()
+    data = torch.utils.data.TensorDataset(torch.randn(32, 64), torch.randint(0, 10, (32,)))
+    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    before = [p.detach().clone() for p in module.parameters()]
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+    assert trainer.global_step == 3
+    optimizer = trainer.optimizers[0]
+    assert isinstance(optimizer, SAMOptimizer) and optimizer.perturbation.steps == 3
+    assert any(not torch.equal(p, b) for p, b in zip(module.parameters(), before, strict=True))

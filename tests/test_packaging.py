@@ -30,7 +30,7 @@ def test_the_wheel_installed_outside_the_clone_runs_the_quickstart_from_an_empty
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(wheels), str(ROOT)],
         cwd=tmp_path, env=env)
-    (wheel,) = wheels.glob("lightning_nusam-0.2.0-*.whl")
+    (wheel,) = wheels.glob("lightning_nusam-0.3.0-*.whl")
     run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", str(target), str(wheel)],
         cwd=tmp_path, env=env)
     env = {**env, "PYTHONPATH": str(target)}
@@ -81,4 +81,4 @@ def test_copy_config_refuses_to_overwrite(tmp_path):
 def test_version_matches_the_package_metadata():
     from importlib.metadata import version
 
-    assert lightning_nusam.__version__ == version("lightning-nusam") == "0.2.0"
+    assert lightning_nusam.__version__ == version("lightning-nusam") == "0.3.0"

@@ -289,6 +289,7 @@ class StepEngine:
         self.same_random_draws = same_random_draws
         self.resync_every = resync_every
         self.resyncs = 0
+        self.steps_taken = 0
         #: the pass running now: "first", "second", or None (a plain or one-pass step's only pass)
         self.current_pass: PassName | None = None
         self._step: _Step | None = None
@@ -306,12 +307,14 @@ class StepEngine:
     # ----------------------------------------------------------------------------- the step
     def step(self, passes: Passes, micro_batches: Sequence[tuple[Any, int]], optimizer: torch.optim.Optimizer,
              plan: StepPlan | None = None, *, optimizer_step: Callable[[], Any] | None = None,
-             global_step: int = 0) -> StepResult:
+             global_step: int | None = None) -> StepResult:
         """One whole optimizer step over ``micro_batches`` (``(batch, batch_idx)`` pairs).
 
         ``plan`` defaults to a two-pass step at the perturbation's radius (a plain step without
         a perturbation); ``optimizer_step`` to ``optimizer.step`` (pass e.g. the GradScaler's
-        step). The step starts from cleared gradients, as Lightning's does.
+        step). The step starts from cleared gradients, as Lightning's does. ``global_step`` is
+        the number of optimizer steps taken after this one (m-SAM's re-synchronisation counts
+        them; default: the steps this engine has taken).
         """
         if plan is None:
             plan = StepPlan(True, self.perturbation.rho) if self.perturbation is not None else PLAIN_STEP
@@ -483,8 +486,12 @@ class StepEngine:
                 and any(m.backward for m in step.micro_batches):
             self._estimate_direction()
 
-    def end(self, global_step: int = 0) -> StepResult:
-        """Close the step after the optimizer stepped: m-SAM re-synchronisation, the losses."""
+    def end(self, global_step: int | None = None) -> StepResult:
+        """Close the step after the optimizer stepped: m-SAM re-synchronisation (every
+        ``resync_every`` steps of ``global_step``, the optimizer steps taken so far; default: the
+        steps this engine has ended), the losses."""
+        self.steps_taken += 1
+        global_step = self.steps_taken if global_step is None else global_step
         step = self._step
         self.close_pass()
         self._step, self.current_pass = None, None
