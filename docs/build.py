@@ -24,6 +24,8 @@ MODULES = [
     "lightning_nusam.module",
     "lightning_nusam.engine",
     "lightning_nusam.policy",
+    "lightning_nusam.optim",
+    "lightning_nusam.fabric",
     "lightning_nusam.data",
     "lightning_nusam.models",
     "lightning_nusam.cli",

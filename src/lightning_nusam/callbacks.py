@@ -598,8 +598,10 @@ def _preset_init(cls: type[SharpnessAwareCallback]) -> Callable[..., None]:
     """``__init__`` of a method preset: its perturbation class's options (with their kinds and
     defaults, ``model`` left out), then the common ones, as one signature that Python, the docs and
     LightningCLI's ``--help`` read; the documentation of both, joined."""
-    own = [p for name, p in inspect.signature(cls.perturbation_class).parameters.items() if name != "model"]
-    common = [p for p in inspect.signature(SharpnessAwareCallback.__init__).parameters.values()
+    # annotations evaluated where they were written (they are strings under postponed evaluation)
+    own = [p for name, p in inspect.signature(cls.perturbation_class, eval_str=True).parameters.items()
+           if name != "model"]
+    common = [p for p in inspect.signature(SharpnessAwareCallback.__init__, eval_str=True).parameters.values()
               if p.kind is inspect.Parameter.KEYWORD_ONLY]
     self_parameter = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
     signature = inspect.Signature([self_parameter, *own, *common])
