@@ -134,3 +134,18 @@ def test_the_engine_and_the_policy_do_not_import_lightning():
             "assert not bad, bad")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_m_sam_resynchronises_every_resync_every_steps_whatever_every_n_steps(monkeypatch):
+    import torch.distributed as dist
+
+    broadcasts = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "broadcast", lambda tensor, src: broadcasts.append(src))
+    net = make_net()
+    engine = StepEngine(net, NuclearPerturbation(net, rho=0.1), sync_first_pass=False, resync_every=4)
+    perturbed = [t for t in range(1, 25) if t % 2 == 1]  # every_n_steps=2: the steps after t = 0, 2, ...
+    done = [t for t in perturbed if engine.resynchronize(t)]
+    assert done == [5, 9, 13, 17, 21] and engine.resyncs == 5  # at least 4 steps apart, never starved
+    assert len(broadcasts) == 5 * len(list(net.parameters()))

@@ -801,3 +801,94 @@ def test_rho_zero_is_a_no_op_with_torch_compile():
         trainer(max_steps=4, callbacks=callbacks).fit(module, loader(classification_data()))
         nets.append(module)
     assert max_weight_difference(*nets) == 0.0
+
+
+# found in review: more programs -----------------------------------------------------------------------
+@pytest.mark.parametrize("callbacks", [[], [NuSAM(rho=0.0)]], ids=["no-callback", "nusam"])
+def test_the_mixin_keeps_its_window_through_a_validation_in_the_middle_of_an_epoch(callbacks):
+    nets = []
+    for interval in (1.0, 1):  # validation at the end of the epoch, or after every batch
+        torch.manual_seed(0)
+        module = Classifier(accumulate_grad_batches=2)
+        data = loader(classification_data())
+        trainer(max_epochs=1, limit_train_batches=4, val_check_interval=interval,
+                callbacks=[copy.deepcopy(cb) for cb in callbacks]).fit(module, data, val_dataloaders=data)
+        nets.append(module.net)
+    assert max_weight_difference(*nets) == 0.0
+
+
+class LogsTheBatchIndex(PlainClassifier):
+    def training_step(self, batch, batch_idx):
+        if sam_pass(self) != "second":
+            self.log("index", float(batch_idx), on_step=False, on_epoch=True)
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("options", [{"accumulate_grad_batches": 2}, {}], ids=["accumulate", "every-2"])
+def test_self_log_in_the_passes_the_callback_runs_is_one_series(options):
+    sam = NuSAM(rho=0.1) if options else NuSAM(rho=0.1, every_n_steps=2)
+    run = trainer(max_epochs=1, callbacks=[sam], **options)
+    run.fit(LogsTheBatchIndex(), loader(classification_data()))  # 6 batches: the mean index is 2.5
+    assert float(run.callback_metrics["index"]) == pytest.approx(2.5)
+
+
+def test_the_same_callback_in_a_second_fit_starts_its_schedule_afresh():
+    def radius_at_the_end(sam, batches):
+        log = RadiusLog()
+        trainer(max_epochs=2, callbacks=[sam, log], limit_train_batches=batches).fit(
+            PlainClassifier(), loader(classification_data()))
+        return log.radii
+
+    reused = NuSAM(rho=0.1, start_epoch=1, rho_schedule="linear", rho_final=0.0)
+    radius_at_the_end(reused, 2)
+    assert radius_at_the_end(reused, 4) == radius_at_the_end(
+        NuSAM(rho=0.1, start_epoch=1, rho_schedule="linear", rho_final=0.0), 4)
+
+
+def test_a_failed_fit_leaves_no_hook_on_a_reused_optimizer():
+    class Cached(PlainClassifier):
+        def configure_optimizers(self):
+            if not hasattr(self, "cached"):
+                self.cached = torch.optim.SGD(self.parameters(), lr=0.05)
+            return self.cached
+
+    module, sam = Cached(), NuSAM(rho=0.1)
+    original = module.training_step
+
+    def fails_once(batch, batch_idx):
+        if not getattr(module, "failed", False):
+            module.failed = True
+            raise RuntimeError("boom")
+        return original(batch, batch_idx)
+
+    module.training_step = fails_once
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer(max_steps=1, callbacks=[sam]).fit(module, loader(classification_data()))
+    module.passes.clear()
+    trainer(max_steps=2, callbacks=[sam]).fit(module, loader(classification_data()))
+    assert module.passes == ["first", "second"] * 2
+
+
+def test_an_optimizer_step_override_that_skips_the_step_ends_the_window():
+    class SkipsOddSteps(PlainClassifier):
+        def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+            if batch_idx % 2:
+                optimizer_closure()  # computes, but does not step
+            else:
+                optimizer.step(closure=optimizer_closure)
+
+    sam = NuSAM(rho=0.1)
+    module = SkipsOddSteps()
+    trainer(max_epochs=1, callbacks=[sam]).fit(module, loader(classification_data()))
+    assert sam.perturbation.steps == 3 and not sam.engine.in_step  # each window its own
+
+
+def test_a_sam_optimizer_under_the_callback_is_refused():
+    from lightning_nusam.optim import SAMOptimizer
+
+    class Both(PlainClassifier):
+        def configure_optimizers(self):
+            return SAMOptimizer(NuclearPerturbation(self.net), torch.optim.SGD(self.parameters(), lr=0.1))
+
+    with pytest.raises(ValueError, match="SAMOptimizer"):
+        trainer(max_steps=1, callbacks=[NuSAM(rho=0.1)]).fit(Both(), loader(classification_data()))

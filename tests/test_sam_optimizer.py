@@ -171,3 +171,21 @@ def test_lightning_manual_optimization_with_it_equals_the_core_loop():
                               [[batch] for batch in batches()])
     assert module.trainer.global_step == 6
     assert max_weight_difference(module.net, expected) == 0.0
+
+
+def test_a_step_without_closure_or_first_step_is_refused_not_silently_plain():
+    net = make_net()
+    optimizer = SAMOptimizer(NuclearPerturbation(net, rho=0.1), torch.optim.SGD(net.parameters(), lr=0.1))
+    x, y = batches()[0]
+    nn.functional.cross_entropy(net(x), y).backward()
+    with pytest.raises(RuntimeError, match="first_step"):
+        optimizer.step()
+
+
+def test_gradients_present_when_step_closure_begins_are_reported():
+    net = make_net()
+    optimizer = SAMOptimizer(NuclearPerturbation(net, rho=0.1), torch.optim.SGD(net.parameters(), lr=0.1))
+    x, y = batches()[0]
+    nn.functional.cross_entropy(net(x), y).backward()  # e.g. accumulated micro-batches
+    with pytest.warns(UserWarning, match="already present"):
+        optimizer.step(lambda: nn.functional.cross_entropy(net(x), y).backward())

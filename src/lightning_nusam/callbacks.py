@@ -36,6 +36,7 @@ from lightning.pytorch.strategies import (
     ModelParallelStrategy,
     ParallelStrategy,
 )
+from lightning.pytorch.trainer.call import _call_strategy_hook
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
@@ -167,13 +168,14 @@ class SharpnessAwareCallback(Callback):
         self._planned_steps = math.inf
         self._first_step: int | None = None  # the first optimizer step after the start
         self._first_lr: float | None = None  # and its learning rate
-        self._restored_resyncs = 0
+        self._restored_resyncs = self._restored_last_resync = 0
         self._trainer: pl.Trainer | None = None
         self._drop_in = False  # this callback drives the step (an automatic-optimization module)
         self._inert = False  # nothing to do in this fit (no optimizer)
         self._hook_handle: Any = None
         self._stepped = False  # the optimizer stepped during the current micro-batch
         self._own_pass = False  # a pass run by this callback (not by Lightning's closure) is running
+        self._window_ends = False  # the current micro-batch is the last of its optimizer step
         self._lightning_ran_first_pass = False  # Lightning's closure ran this micro-batch's first pass
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -226,7 +228,8 @@ class SharpnessAwareCallback(Callback):
         # state restored outside this fit (the Tuner's restore after lr_find) does not carry
         # over; a resumed fit restores its checkpoint after setup
         self._pending_state = self._pending_rng = None
-        self._restored_resyncs, self._engine, self._trainer = 0, None, None
+        self._restored_resyncs, self._restored_last_resync, self._engine, self._trainer = 0, 0, None, None
+        self._first_step = self._first_lr = None  # the schedule's anchors of this fit
         name = type(self).__name__
         others = [cb for cb in trainer.callbacks if isinstance(cb, SharpnessAwareCallback)]
         if len(others) > 1:
@@ -312,6 +315,14 @@ class SharpnessAwareCallback(Callback):
                                   batchnorm_update=self.batchnorm_update,
                                   same_random_draws=self.same_random_draws, resync_every=self.resync_every)
         self._engine.resyncs, self._trainer = self._restored_resyncs, trainer
+        self._engine.last_resync_step = self._restored_last_resync
+        from lightning_nusam.optim import SAMOptimizer
+
+        if isinstance(optimizer, SAMOptimizer):
+            raise ValueError(f"{name} and a SAMOptimizer would each run a sharpness-aware step (four "
+                             "passes): return the base optimizer from configure_optimizers and keep the "
+                             "callback, or drop the callback and keep SAMOptimizer")
+        self._remove_hook()
         if self._drop_in and not self._inert:
             self._hook_handle = optimizer.register_step_pre_hook(self._before_optimizer_step)
 
@@ -389,6 +400,7 @@ class SharpnessAwareCallback(Callback):
         if not engine.in_step:
             engine.begin(self.plan(trainer))
         self._stepped = self._lightning_ran_first_pass = False
+        self._window_ends = last
         engine.open_first_pass(batch, batch_idx, last=last, no_sync=_no_sync(trainer.strategy))
 
     @override
@@ -465,6 +477,8 @@ class SharpnessAwareCallback(Callback):
             engine.record_loss(loss.detach() * trainer.accumulate_grad_batches)
         if self._stepped:
             log_step(pl_module, engine.end(trainer.global_step), self.perturbation)
+        elif self._window_ends:  # an optimizer_step override that did not step: nothing to replay
+            engine.abandon()
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -478,10 +492,15 @@ class SharpnessAwareCallback(Callback):
             self._engine.abandon()  # never leave ε in the weights
         elif self._perturbation is not None:
             self._perturbation.restore()
+        self._remove_hook()  # teardown is not called after an exception
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and self._hook_handle is not None:
+        if stage == "fit":
+            self._remove_hook()
+
+    def _remove_hook(self) -> None:
+        if self._hook_handle is not None:
             self._hook_handle.remove()
             self._hook_handle = None
 
@@ -492,6 +511,7 @@ class SharpnessAwareCallback(Callback):
         for an exact resume. Under DDP every rank's RNG state is gathered (a collective call)."""
         state: dict[str, Any] = {
             "resyncs": self.resyncs,
+            "last_resync_step": self._engine.last_resync_step if self._engine is not None else 0,
             "first_step": self._first_step,
             "first_lr": self._first_lr,
             "rng": self._gather_rng(),
@@ -503,8 +523,10 @@ class SharpnessAwareCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored_resyncs = int(state_dict.get("resyncs", 0))
+        self._restored_last_resync = int(state_dict.get("last_resync_step", 0))
         if self._engine is not None:
             self._engine.resyncs = self._restored_resyncs
+            self._engine.last_resync_step = self._restored_last_resync
         self._first_step = state_dict.get("first_step")
         self._first_lr = state_dict.get("first_lr")
         if "perturbation" in state_dict:
@@ -565,7 +587,9 @@ class _LightningPasses:
     def forward_backward(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         strategy, self.callback._own_pass = self.trainer.strategy, True
         try:
-            output = strategy.training_step(batch, batch_idx)
+            # as Lightning's own closure calls it: under training_step's name (self.log keeps one
+            # series) and its profiler section; we are inside optimizer.step here
+            output = _call_strategy_hook(self.trainer, "training_step", batch, batch_idx)
             loss = output.get("loss") if isinstance(output, Mapping) else output
             if loss is None:
                 return None

@@ -289,6 +289,8 @@ class StepEngine:
         self.same_random_draws = same_random_draws
         self.resync_every = resync_every
         self.resyncs = 0
+        #: the global step of the last m-SAM re-synchronisation (its period counts from there)
+        self.last_resync_step = 0
         self.steps_taken = 0
         #: the pass running now: "first", "second", or None (a plain or one-pass step's only pass)
         self.current_pass: PassName | None = None
@@ -450,9 +452,15 @@ class StepEngine:
         trained = [m for m in kept if m.backward]
         by_caller = kept[-1] if last_pass is not None else None
         ours = [m for m in trained if m is not by_caller]
-        if not trained:
-            self._restore_random_state(step.random_state_after)
-            return last_pass() if last_pass is not None else None
+        if not trained:  # no loss in the step: no perturbation; the caller's pass still runs
+            try:
+                if last_pass is None:
+                    return None
+                with self._second_pass_context(kept[-1], True, None):
+                    return last_pass()
+            finally:
+                self._restore_random_state(step.random_state_after)
+                self._current, self._current_is_last = None, False
         replicas = self.replicas if self.perturbation_reduces else None
         self.perturbation.perturb(step.plan.rho, replicas=replicas)
         step.perturbed = self.perturbation.is_perturbed
@@ -517,7 +525,9 @@ class StepEngine:
     # ----------------------------------------------------------------------------- m-SAM
     @torch.no_grad()
     def resynchronize(self, global_step: int) -> bool:
-        """Broadcast rank 0's weights every ``resync_every`` steps under m-SAM.
+        """Broadcast rank 0's weights under m-SAM once ``resync_every`` steps have passed since the
+        last time (counted in optimizer steps, perturbed or not, so that ``every_n_steps`` cannot
+        keep the perturbed steps off the period).
 
         With per-rank ε, ``w + ε − ε`` leaves a different last-bit rounding on each rank; the
         all-reduced second-pass gradients do not amplify it (every rank applies the same
@@ -532,12 +542,13 @@ class StepEngine:
             or self.perturbation.exact_restore
             or not (dist.is_available() and dist.is_initialized())
             or dist.get_world_size() == 1
-            or global_step % self.resync_every != 0
+            or global_step - self.last_resync_step < self.resync_every
         ):
             return False
         for parameter in self.model.parameters():
             dist.broadcast(parameter.data, src=0)
         self.resyncs += 1
+        self.last_resync_step = global_step
         return True
 
     # ----------------------------------------------------------------------------- contexts

@@ -190,6 +190,16 @@ class SAMMixin:
             log_step(self, result, callback.perturbation)
         return loss
 
+    def on_validation_model_zero_grad(self) -> None:
+        """Lightning clears the gradients before a validation in the middle of an epoch. Under the
+        mixin's own accumulation that validation can fall inside an optimizer step, whose first
+        passes' gradients it would drop: they are kept while a step is open."""
+        callback = self.sharpness_aware_callback()
+        engine = callback._engine if callback is not None else self._plain_engine
+        if engine is not None and engine.in_step:
+            return
+        super().on_validation_model_zero_grad()  # type: ignore[misc]
+
     def _engine_without_callback(self) -> StepEngine:
         """Plain steps (no sharpness-aware callback): the same engine, never a perturbation."""
         if self._plain_engine is None:

@@ -31,6 +31,7 @@ their scale; non-finite ones skip the perturbation), and the scaler steps the wr
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -59,7 +60,8 @@ class SAMOptimizer(torch.optim.Optimizer):
     whose closure computes only the second pass after a backward you ran yourself, the first
     backward is the closure's too: drop that first ``loss.backward()`` when moving to
     ``step(closure)``. ``step()`` without a closure is :meth:`second_step` (what a ``GradScaler``
-    calls).
+    calls). ``step(closure)`` starts and ends with cleared gradients; gradients found when it
+    starts (micro-batches accumulated before it, which its second pass cannot replay) are reported.
 
     Example:
         >>> from torch import nn
@@ -105,6 +107,8 @@ class SAMOptimizer(torch.optim.Optimizer):
         self.perturbation = perturbation
         self.engine = StepEngine(perturbation.model, perturbation, same_random_draws=same_random_draws,
                                  batchnorm_update=batchnorm_update)
+        self._first_step_taken = False  # first_step() ran since the last base step
+        self._warned_gradients = False
 
     # ----------------------------------------------------------------------------- the convention
     @torch.no_grad()
@@ -112,12 +116,13 @@ class SAMOptimizer(torch.optim.Optimizer):
         """``w ← w + ε`` from the gradients of the first backward (radius ``rho``, default the
         perturbation's); then clear the gradients if ``zero_grad``."""
         self.perturbation.perturb(rho)
+        self._first_step_taken = True
         if zero_grad:
             self.zero_grad()
 
     @torch.no_grad()
     def restore(self) -> None:
-        """``w ← w − ε`` (nothing when no ``ε`` is applied)."""
+        """``w ← w − ε`` (nothing when no ``ε`` is applied); ``step()`` then takes the base step."""
         self.perturbation.restore()
 
     def second_step(self, zero_grad: bool = False) -> None:
@@ -132,12 +137,28 @@ class SAMOptimizer(torch.optim.Optimizer):
         without one, ``w ← w − ε`` and the base optimizer's step (:meth:`second_step`). Returns the
         first pass's loss (None without a closure)."""
         if closure is None:
+            if not self._first_step_taken:
+                raise RuntimeError(
+                    "SAMOptimizer.step() without a closure is the second half of a step, but first_step() "
+                    "was not called since the last step: call first_step() after the first backward, or "
+                    "step(closure). (Lightning's automatic optimization with 16-mixed steps a GradScaler "
+                    "this way: there, use the NuSAM/SAM callbacks with SAMMixin and a plain optimizer)"
+                )
             with torch.no_grad():
                 self.perturbation.restore()
                 self.base_optimizer.step()
+            self._first_step_taken = False
             return None
+        if not self._warned_gradients and any(p.grad is not None for p in self.perturbation.parameters):
+            self._warned_gradients = True
+            warnings.warn(
+                "SAMOptimizer.step(closure) found gradients already present; the step starts from cleared "
+                "gradients (both passes come from the closure). To accumulate micro-batches, pass them "
+                "to StepEngine.step as a list, or in Lightning use the callbacks (NuSAM, SAM, ...) with "
+                "a plain optimizer", UserWarning, stacklevel=2)
         passes = _ClosurePasses(closure)
         self.engine.step(passes, [(None, 0)], self.base_optimizer, StepPlan(True, self.perturbation.rho))
+        self.zero_grad()  # so that gradients found at the next step are someone's accumulation
         return passes.first_loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
