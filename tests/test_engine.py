@@ -149,3 +149,18 @@ def test_m_sam_resynchronises_every_resync_every_steps_whatever_every_n_steps(mo
     done = [t for t in perturbed if engine.resynchronize(t)]
     assert done == [5, 9, 13, 17, 21] and engine.resyncs == 5  # at least 4 steps apart, never starved
     assert len(broadcasts) == 5 * len(list(net.parameters()))
+
+
+def test_random_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+
+    from lightning_nusam.engine import RandomState
+
+    torch.manual_seed(3), np.random.seed(4), random.seed(5)
+    torch.save(RandomState.capture_all().as_dict(), tmp_path / "rng.pt")
+    expected = (torch.rand(2), np.random.rand(2), random.random())
+    RandomState.from_dict(torch.load(tmp_path / "rng.pt", weights_only=True)).restore()
+    drawn = (torch.rand(2), np.random.rand(2), random.random())
+    assert torch.equal(drawn[0], expected[0]) and (drawn[1] == expected[1]).all() and drawn[2] == expected[2]

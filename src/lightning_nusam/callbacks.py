@@ -49,6 +49,7 @@ from lightning_nusam.engine import (
     BatchNormUpdate,
     FirstPassReduction,
     PassName,
+    RandomState,
     StepEngine,
     StepPlan,
     StepResult,
@@ -546,16 +547,9 @@ class SharpnessAwareCallback(Callback):
             raise ValueError(f"{type(self).__name__} cannot resume from {where}: {error}. Resume with "
                              "the options it was written with") from error
 
-    @staticmethod
-    def _rng_state() -> dict[str, Any]:
-        state: dict[str, Any] = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
-
     def _gather_rng(self) -> list[dict[str, Any]]:
-        """``[rank 0's RNG states, rank 1's, ...]``."""
-        local_state = self._rng_state()
+        """``[rank 0's random states, rank 1's, ...]`` (a collective call under DDP)."""
+        local_state = RandomState.capture_all().as_dict()
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return [local_state]
         gathered: list[Any] = [None] * dist.get_world_size()
@@ -570,10 +564,7 @@ class SharpnessAwareCallback(Callback):
             rank_zero_warn(f"{type(self).__name__}: the checkpoint holds the RNG states of {len(states)} "
                            f"ranks and this run has {trainer.world_size}; the RNG is not restored")
             return
-        state = states[trainer.global_rank]
-        torch.set_rng_state(state["cpu"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        RandomState.from_dict(states[trainer.global_rank]).restore()
 
 
 class _LightningPasses:

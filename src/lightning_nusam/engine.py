@@ -142,12 +142,42 @@ class RandomState:
         return cls(torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in cuda_devices},
                    np.random.get_state(), random.getstate())
 
+    @classmethod
+    def capture_all(cls) -> RandomState:
+        """Every stream this process has: the CPU's and those of the CUDA devices in use."""
+        in_use = torch.cuda.is_available() and torch.cuda.is_initialized()
+        return cls.capture(list(range(torch.cuda.device_count())) if in_use else [])
+
     def restore(self) -> None:
         torch.set_rng_state(self.torch_cpu)
         for device, state in self.cuda.items():
             torch.cuda.set_rng_state(state, device)
         np.random.set_state(self.numpy)
         random.setstate(self.python)
+
+    def as_dict(self) -> dict[str, Any]:
+        """For a checkpoint, in types a ``weights_only`` load accepts: ``cpu``, ``cuda`` (a list over
+        the devices), ``numpy`` (its MT19937 keys as a tensor) and ``python``."""
+        name, keys, position, has_gauss, cached = self.numpy
+        state: dict[str, Any] = {"cpu": self.torch_cpu, "python": self.python,
+                                 "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(position),
+                                           int(has_gauss), float(cached)]}
+        if self.cuda:
+            state["cuda"] = [self.cuda[d] for d in sorted(self.cuda)]
+        return state
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> RandomState:
+        """The inverse of :meth:`as_dict` (checkpoints with only ``cpu``/``cuda`` leave numpy's and
+        Python's generators as they are)."""
+        cuda = dict(enumerate(state.get("cuda", []))) if torch.cuda.is_available() else {}
+        numpy_state = np.random.get_state()
+        if "numpy" in state:
+            name, keys, position, has_gauss, cached = state["numpy"]
+            numpy_state = (name, keys.numpy().astype(np.uint32), position, has_gauss, cached)
+        python = state.get("python")
+        python = random.getstate() if python is None else (python[0], tuple(python[1]), python[2])
+        return cls(state["cpu"], cuda, numpy_state, python)
 
 
 @contextlib.contextmanager
