@@ -230,9 +230,10 @@ def plot(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
             axis.set_xticks([i + 0.4 - width / 2 for i in range(len(args.links))], args.links)
             axis.set_ylabel(ylabel)
             axis.set_title(model)
-        axes[0][column].legend(fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(args.methods), fontsize=9)
     figure.suptitle("DDP, 2 CPU processes: bytes and time per optimizer step")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.05, 1, 1))
     figure.savefig(path, dpi=110)
 
 

@@ -278,8 +278,11 @@ def documented_world(tmp_path_factory, fake_cifar) -> Path:
     return world
 
 
-def run_documented(command: str, world: Path, fake_cifar: Path) -> None:
-    from lightning_nusam.cli import main
+def run_documented(command: str, world: Path, fake_cifar: Path, capsys) -> None:
+    """Run ``command`` (shortened: a few batches, a small model, the fake data) and check what it
+    did: a finished Trainer (steps taken by ``fit``), the help shown, the configs listed or copied,
+    the memory report."""
+    from lightning_nusam.cli import dispatch
 
     argv = shlex.split(command)[1:]
     if argv[0] in ("fit", "validate", "test", "predict") and "help" not in command:
@@ -297,18 +300,32 @@ def run_documented(command: str, world: Path, fake_cifar: Path) -> None:
         elif "CIFARDataModule" in text or ("ImageClassifier" in text and "Digits" not in text):
             argv += [a for a in reduced_size_arguments(model_config, world, fake_cifar)
                      if not a.startswith(("--trainer.fast_dev_run", "--trainer.default_root_dir"))]
+        cli = cli_main(argv)
+        assert cli.trainer.state.finished and cli.trainer.state.fn == argv[0], command
+        if argv[0] == "fit":
+            assert cli.trainer.global_step == 2, command
+        return
     try:
-        main(argv)
+        result = dispatch(argv)
     except SystemExit as done:  # --help
         assert done.code in (0, None), command
+        assert "--method.rho" in capsys.readouterr().out or "help" not in command, command
+        return
+    shown = capsys.readouterr().out
+    if argv[0] == "memory":
+        assert result.perturbed_matrices > 0 and "νSAM perturbs these" in shown, command
+    elif argv[:2] == ["configs", "copy"]:
+        assert (world / f"{Path(argv[2]).name}.yaml").is_file(), command
+    else:
+        assert "quickstart" in shown and "methods/nusam" in shown, command
 
 
 @pytest.mark.parametrize(("where", "command"), COMMANDS, ids=[c for _, c in COMMANDS])
-def test_every_documented_command_runs(where, command, documented_world, fake_cifar, monkeypatch):
+def test_every_documented_command_runs(where, command, documented_world, fake_cifar, monkeypatch, capsys):
     if " glue/" in command or "--transformers" in command:
         pytest.importorskip("transformers")
     monkeypatch.chdir(documented_world)
-    run_documented(command, documented_world, fake_cifar)
+    run_documented(command, documented_world, fake_cifar, capsys)
 
 
 def test_the_documented_commands_were_found():

@@ -185,8 +185,9 @@ def test_test_and_validate_from_a_checkpoint_leave_the_rng_alone(tmp_path):
 
 
 # 7. the core imports without Lightning -------------------------------------------------------------
-def test_the_pure_pytorch_core_does_not_import_lightning():
-    code = ("import sys, lightning_nusam.perturbations, lightning_nusam.perturbations.nuclear; "
+def test_the_core_the_engine_and_the_policy_do_not_import_lightning():
+    code = ("import sys, lightning_nusam.perturbations, lightning_nusam.perturbations.nuclear, "
+            "lightning_nusam.engine, lightning_nusam.policy; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')); "
             "assert not bad, bad; import lightning_nusam; assert lightning_nusam.NuSAM.__name__ == 'NuSAM'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

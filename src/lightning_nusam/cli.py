@@ -116,24 +116,29 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``nusam memory``/``nusam configs`` are this package's; everything else goes to LightningCLI."""
+    """The ``nusam`` console script (it returns nothing: a console script's result is its exit code)."""
+    dispatch(argv)
+
+
+def dispatch(argv: list[str] | None = None) -> Any:
+    """``nusam memory``/``nusam configs`` are this package's (``memory`` returns its report);
+    everything else goes to LightningCLI (the CLI object is returned)."""
     arguments = sys.argv[1:] if argv is None else argv
     if arguments[:1] in ([], ["-h"], ["--help"]):
         print(usage())
-        return
+        return None
     if arguments[:1] == ["memory"]:
         from lightning_nusam.memory import main as memory_main
 
-        memory_main(arguments[1:])
-        return
+        return memory_main(arguments[1:])
     if arguments[:1] == ["configs"]:
         from lightning_nusam.packaged_configs import main as configs_main
 
         configs_main(arguments[1:])
-        return
+        return None
     # From the console, LightningCLI reads sys.argv itself (passing it again as `args` only
     # makes it warn that both were given).
-    cli_main(argv)
+    return cli_main(argv)
 
 
 if __name__ == "__main__":
