@@ -36,7 +36,10 @@ def make_model(seed: int = 0, dropout: float = 0.1) -> nn.Module:
     return nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Dropout(dropout), nn.Linear(64, 4))
 
 
-def train(fabric: Fabric, steps: int = 60, rho: float = 0.05, batch_size: int = 32, lr: float = 0.01,
+TEST_SIZE = 2000
+
+
+def train(fabric: Fabric, steps: int = 60, rho: float = 0.05, batch_size: int = 32, lr: float = 0.05,
           build_before_setup: bool = True, model: nn.Module | None = None) -> tuple[nn.Module, ...]:
     """νSAM with SGD for ``steps`` steps; each rank takes its share of every batch (as a
     DistributedSampler would). Returns the (Fabric) model and the perturbation."""
@@ -51,7 +54,7 @@ def train(fabric: Fabric, steps: int = 60, rho: float = 0.05, batch_size: int = 
     engine = fabric_engine(fabric, model, nusam)
     loss_fn = nn.CrossEntropyLoss()
     passes = fabric_passes(fabric, model, lambda batch, _: loss_fn(model(batch[0]), batch[1]))
-    inputs, labels = teacher_dataset(steps * batch_size)
+    inputs, labels = teacher_dataset(steps * batch_size + TEST_SIZE)  # the last TEST_SIZE for testing
     rank, world = fabric.global_rank, fabric.world_size
     for step in range(steps):
         rows = slice(step * batch_size + rank, (step + 1) * batch_size, world)
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "bf16-true"])
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--strategy", default="auto")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--save", type=Path, default=None, help="write each rank's weights here")
     args = parser.parse_args(argv)
@@ -78,7 +81,8 @@ def main(argv: list[str] | None = None) -> float:
     fabric.launch()
     torch.manual_seed(1)
     model, nusam = train(fabric, steps=args.steps, model=make_model(dropout=args.dropout))
-    inputs, labels = teacher_dataset(2000, seed=1)
+    inputs, labels = (t[-TEST_SIZE:] for t in teacher_dataset(args.steps * 32 + TEST_SIZE))
+    model.eval()
     with torch.no_grad():
         accuracy = (model(fabric.to_device(inputs)).argmax(1).cpu() == labels).float().mean().item()
     if args.save is not None:

@@ -68,3 +68,7 @@ def test_two_process_ddp_equals_one_process_and_reduces_vectors(tmp_path):
     deviation = max_weight_difference(rank0["weights"], list(single.parameters()))
     print(f"Fabric DDP (2 processes) vs one process on the joined batch, 8 steps: {deviation:.2e}")
     assert deviation <= 1e-5
+
+
+def test_the_example_learns_the_teacher():
+    assert example.main(["--precision", "bf16-mixed"]) > 0.85
