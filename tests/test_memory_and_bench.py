@@ -41,3 +41,18 @@ def test_benchmark_script_writes_table_json_and_chart(tmp_path):
     for suffix in ("md", "json", "png"):
         assert (tmp_path / f"memory_speed_cpu.{suffix}").stat().st_size > 0
     assert "| nusam_t1 |" in (tmp_path / "memory_speed_cpu.md").read_text()
+
+
+def test_ddp_communication_benchmark_counts_what_a_step_sends(tmp_path):
+    """Two gloo processes, one step each: νSAM's synced first pass adds only its vectors."""
+    script = ROOT / "benchmarks" / "ddp_communication.py"
+    spec = importlib.util.spec_from_file_location("ddp_communication", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--models", "vit_t4", "--methods", "adamw", "sam", "nusam_vectors", "--links", "unlimited",
+                "--steps", "1", "--warmup", "0", "--batch-size", "2", "--out", str(tmp_path)])
+    rows = {r["method"]: r for r in json.loads((tmp_path / "ddp_communication_cpu.json").read_text())["rows"]}
+    adamw = rows["adamw"]["bytes_per_step"]
+    assert 1.9 < rows["sam"]["bytes_per_step"] / adamw < 2.1  # the gradient, twice
+    assert rows["nusam_vectors"]["bytes_per_step"] / adamw < 1.05  # the gradient once, and vectors
+    assert "| unlimited | nusam_vectors |" in (tmp_path / "ddp_communication_cpu.md").read_text()
