@@ -20,6 +20,7 @@ step is planned by :func:`lightning_nusam.policy.plan_step` and run by a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import math
 from collections.abc import Callable, Mapping
@@ -382,8 +383,7 @@ class SharpnessAwareCallback(Callback):
         if self._first_step is None and policy.has_started(self.schedule, counters):
             self._first_step, self._first_lr = trainer.global_step, lr
         base_lr = float(group.get("max_lr", group.get("initial_lr", self._first_lr or 0.0)))
-        counters = policy.Counters(trainer.global_step, trainer.current_epoch, self._planned_steps, lr,
-                                   base_lr, self._first_step)
+        counters = dataclasses.replace(counters, base_lr=base_lr, first_step=self._first_step)
         return policy.plan_step(self.schedule, counters, has_direction=self.perturbation.has_direction)
 
     # ----------------------------------------------------------------------------- drop-in
@@ -453,14 +453,10 @@ class SharpnessAwareCallback(Callback):
             engine.close_pass()
             engine.second_pass(passes, optimizer)
             return lightning_closure()
-        batch, batch_idx = engine.micro_batches[-1]
-        if len(engine.micro_batches) == 1:  # the step starts here: clear the previous gradients
-            trainer.lightning_module.optimizer_zero_grad(trainer.current_epoch, batch_idx, optimizer)
-        loss = passes.forward_backward(batch, batch_idx)
-        if loss is not None:
-            engine.after_backward()
-            engine.record_loss(loss)
-        engine.close_pass()
+        kept = engine.micro_batches
+        if len(kept) == 1:  # the step starts here: clear the previous gradients
+            trainer.lightning_module.optimizer_zero_grad(trainer.current_epoch, kept[-1][1], optimizer)
+        engine.run_open_pass(passes)
         result = engine.second_pass(passes, optimizer, last_pass=lightning_closure)
         if isinstance(result, torch.Tensor):
             engine.record_loss(result.detach() * trainer.accumulate_grad_batches, "second")

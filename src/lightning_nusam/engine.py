@@ -387,14 +387,7 @@ class StepEngine:
     def first_pass(self, passes: Passes, batch: Any, batch_idx: int, *, last: bool) -> torch.Tensor | None:
         """The first (or only) pass of one micro-batch, run through ``passes``."""
         self.open_first_pass(batch, batch_idx, last=last, no_sync=passes.no_sync)
-        try:
-            loss = passes.forward_backward(batch, batch_idx)
-            if loss is not None:
-                self.after_backward()
-                self.record_loss(loss)
-        finally:
-            self.close_pass()
-        return loss
+        return self.run_open_pass(passes)
 
     def open_first_pass(self, batch: Any, batch_idx: int, *, last: bool,
                         no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None = None) -> None:
@@ -430,6 +423,19 @@ class StepEngine:
         stack.enter_context(self._naming(name))
         self._open, self._current, self._current_is_last = stack, micro_batch, last
 
+    def run_open_pass(self, passes: Passes) -> torch.Tensor | None:
+        """Run the micro-batch opened by :meth:`open_first_pass` through ``passes``, then
+        :meth:`close_pass`; its loss, or None when it gave none."""
+        micro_batch = self._current
+        try:
+            loss = passes.forward_backward(micro_batch.batch, micro_batch.batch_idx)
+            if loss is not None:
+                self.after_backward()
+                self.record_loss(loss)
+        finally:
+            self.close_pass()
+        return loss
+
     def close_pass(self) -> None:
         """Leave the context of the pass opened by :meth:`open_first_pass`; after the last first
         pass of a two-pass step, remember the random state the step must end with."""
@@ -442,8 +448,8 @@ class StepEngine:
             self.perturbation.restore()
         if last and step.plan.two_pass and self.same_random_draws:
             step.random_state_after = RandomState.capture(self._cuda_devices())
-        if last and step.plan.estimate and not step.estimated and any(m.backward for m in step.micro_batches):
-            self._estimate_direction()
+        if last:
+            self._estimate_once()
         self._current = None
 
     def after_backward(self) -> None:
@@ -462,8 +468,8 @@ class StepEngine:
             self._current.backward = True
         if step.plan.one_pass and step.plan.perturb:
             self.perturbation.restore()
-        if self._current_is_last and step.plan.estimate and not step.estimated:
-            self._estimate_direction()
+        if self._current_is_last:
+            self._estimate_once()
 
     def second_pass(self, passes: Passes, optimizer: torch.optim.Optimizer | None = None, *,
                     last_pass: Callable[[], Any] | None = None) -> Any:
@@ -519,10 +525,7 @@ class StepEngine:
         micro-batch gave no loss estimates its direction here, before any clipping."""
         if self.perturbation is not None:
             self.perturbation.restore()
-        step = self._step
-        if step is not None and step.plan.estimate and not step.estimated \
-                and any(m.backward for m in step.micro_batches):
-            self._estimate_direction()
+        self._estimate_once()
 
     def end(self, global_step: int | None = None) -> StepResult:
         """Close the step after the optimizer stepped: m-SAM re-synchronisation (every
@@ -608,9 +611,14 @@ class StepEngine:
         if state is not None:
             state.restore()
 
-    def _estimate_direction(self) -> None:
-        self._step.estimated = True
-        self.perturbation.estimate()
+    def _estimate_once(self) -> None:
+        """A one-pass step estimates the next direction once, from a gradient it has (after the
+        last micro-batch's backward, or at the optimizer step when that one gave no loss)."""
+        step = self._step
+        if step is not None and step.plan.estimate and not step.estimated \
+                and any(m.backward for m in step.micro_batches):
+            step.estimated = True
+            self.perturbation.estimate()
 
     def _cuda_devices(self) -> list[int]:
         if not torch.cuda.is_available() or not torch.cuda.is_initialized():

@@ -18,7 +18,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_nusam.callbacks import SharpnessAwareCallback, log_step, planned_optimizer_steps, sam_pass
+from lightning_nusam.callbacks import (
+    SharpnessAwareCallback,
+    _no_sync,
+    log_step,
+    planned_optimizer_steps,
+    sam_pass,
+)
 from lightning_nusam.checks import check_count
 from lightning_nusam.engine import PLAIN_STEP, PassName, StepEngine
 
@@ -326,8 +332,6 @@ class _MixinPasses:
         return loss.detach()
 
     def no_sync(self) -> Any:
-        from lightning_nusam.callbacks import _no_sync
-
         return _no_sync(self.module.trainer.strategy)()
 
 

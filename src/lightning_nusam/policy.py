@@ -71,11 +71,6 @@ class Schedule:
             check_rho(self.rho_final)
         check_flag("one_pass", self.one_pass)
 
-    @property
-    def needs_planned_steps(self) -> bool:
-        """Whether the schedule needs the number of steps of the fit (refused when unknown)."""
-        return self.start_fraction is not None or self.rho_schedule in ("linear", "cosine")
-
 
 @dataclass(frozen=True)
 class Counters:
