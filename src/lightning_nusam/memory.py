@@ -21,7 +21,11 @@ import timm
 import torch
 
 from lightning_nusam.perturbations import NuclearPerturbation
-from lightning_nusam.perturbations.selection import CONV_LAYER_TYPES, EMBEDDING_TYPES, owned_parameters
+from lightning_nusam.perturbations.selection import (
+    is_convolution_kernel,
+    is_embedding_table,
+    owned_parameters,
+)
 
 #: How many of the largest parameters left out the report names.
 LEFT_OUT_SHOWN = 10
@@ -87,9 +91,9 @@ def count(name: str, model: torch.nn.Module) -> MemoryReport:
         shape = tuple(item.parameter.shape)
         if item.name in counted_names:
             counted.append((item.name, shape))
-        elif isinstance(item.module, CONV_LAYER_TYPES) and item.parameter.dim() > 2:
+        elif is_convolution_kernel(item):
             left_out.append((item.name, shape, "include_conv=True"))
-        elif isinstance(item.module, EMBEDDING_TYPES):
+        elif is_embedding_table(item):
             left_out.append((item.name, shape, "include_embeddings=True"))
         elif item.parameter.dim() >= 2:
             left_out.append((item.name, shape, "excluded by name (exclude=...)"))

@@ -29,8 +29,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_nusam.checks import check_rho
-from lightning_nusam.perturbations.selection import SelectedParameter, nothing_to_perturb, unwrap_module
+from lightning_nusam.checks import check_choice, check_integer, check_positive, check_rho
+from lightning_nusam.perturbations.selection import (
+    SelectedParameter,
+    as_patterns,
+    nothing_to_perturb,
+    unwrap_module,
+)
 from lightning_nusam.perturbations.sharding import RowSharding, all_reduce_sum, local, row_sharding
 
 #: τ of Algorithm 2: keeps the normalisations finite for a zero gradient.
@@ -73,8 +78,16 @@ class Perturbation(abc.ABC):
     #: whole gradient, so it is better all-reduced by the first pass itself, overlapped with backward).
     replica_reduction: ClassVar[str] = "gradient"
     #: Checks of the options (argument name → a function returning the accepted value or raising
-    #: a ``ValueError`` that names the argument), applied by :meth:`check_options`.
-    option_checks: ClassVar[dict[str, Callable[[Any], Any]]] = {"rho": check_rho}
+    #: a ``ValueError`` that names the argument), applied by :meth:`check_options`; those shared
+    #: by several methods are here (a class applies the checks of the options it takes).
+    option_checks: ClassVar[dict[str, Callable[[Any], Any]]] = {
+        "rho": check_rho,
+        "include": lambda v: None if v is None else as_patterns("include", v),
+        "exclude": lambda v: () if v is None else as_patterns("exclude", v),
+        "tau": lambda v: check_positive("tau", v, allow_zero=True),
+        "seed": lambda v: check_integer("seed", v),
+        "exact_restore": lambda v: check_choice("exact_restore", v, (None, True, False)),
+    }
 
     def __init__(self, model: nn.Module, rho: float, select: Selection, empty_hint: str) -> None:
         if not isinstance(model, nn.Module):

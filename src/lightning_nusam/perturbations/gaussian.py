@@ -14,14 +14,13 @@ same method at half the cost.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_nusam.checks import check_choice, check_integer
 from lightning_nusam.perturbations.base import Perturbation, own_options
 from lightning_nusam.perturbations.exact import (
     RoundingExceptions,
@@ -29,7 +28,7 @@ from lightning_nusam.perturbations.exact import (
     remove_exactly,
     resolve_exact_restore,
 )
-from lightning_nusam.perturbations.selection import SelectedParameter, as_patterns, dense_gradient, select_all
+from lightning_nusam.perturbations.selection import SelectedParameter, dense_gradient, select_all
 from lightning_nusam.perturbations.sharding import all_reduce_sum, local
 
 _STEP_STRIDE = 1_000_003  # a prime: distinct (seed, step) pairs give distinct generator seeds
@@ -55,13 +54,6 @@ class GaussianPerturbation(Perturbation):
         1
     """
 
-    option_checks: ClassVar[dict[str, Callable[[Any], Any]]] = {
-        **Perturbation.option_checks,
-        "seed": lambda v: check_integer("seed", v),
-        "include": lambda v: None if v is None else as_patterns("include", v),
-        "exclude": lambda v: () if v is None else as_patterns("exclude", v),
-        "exact_restore": lambda v: check_choice("exact_restore", v, (None, True, False)),
-    }
     supports_one_pass = True
     replica_reduction = "nothing"
 

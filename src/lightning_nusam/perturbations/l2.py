@@ -25,7 +25,6 @@ from lightning_nusam.checks import check_flag, check_positive, check_types
 from lightning_nusam.perturbations.base import DEFAULT_TAU, Perturbation, Selection, own_options
 from lightning_nusam.perturbations.selection import (
     SelectedParameter,
-    as_patterns,
     dense_gradient,
     select_all,
     select_norm_layers,
@@ -98,9 +97,6 @@ class L2Perturbation(Perturbation):
     exact_restore = True
     option_checks: ClassVar[dict[str, Callable[[Any], Any]]] = {
         **Perturbation.option_checks,
-        "include": lambda v: None if v is None else as_patterns("include", v),
-        "exclude": lambda v: () if v is None else as_patterns("exclude", v),
-        "tau": lambda v: check_positive("tau", v, allow_zero=True),
         "adaptive": lambda v: check_flag("adaptive", v),
         "adaptive_eta": lambda v: check_positive("adaptive_eta", v, allow_zero=True),
     }
@@ -204,11 +200,11 @@ class L2Perturbation(Perturbation):
         return copies
 
     def _backup_for(self, index: int) -> torch.Tensor:
-        """The backup buffer, (re-)allocated on first use or if the parameter changed layout."""
-        param, backup = local(self._selected[index].parameter.detach()), self._backups[index]
-        if backup is None or backup.shape != param.shape or backup.device != param.device \
-                or backup.dtype != param.dtype:
-            self._backups[index] = backup = torch.empty_like(param)
+        """The backup buffer, allocated on first use (a change of the parameter's layout takes the
+        selection again, which drops the buffers)."""
+        backup = self._backups[index]
+        if backup is None:
+            self._backups[index] = backup = torch.empty_like(local(self._selected[index].parameter.detach()))
         return backup
 
     def held_tensors(self) -> Iterator[torch.Tensor]:
@@ -241,7 +237,6 @@ class NormLayerPerturbation(L2Perturbation):
     option_checks: ClassVar[dict[str, Callable[[Any], Any]]] = {
         **Perturbation.option_checks,
         "extra_norm_types": lambda v: () if v is None else check_types("extra_norm_types", v),
-        "tau": lambda v: check_positive("tau", v, allow_zero=True),
     }
 
     def __init__(

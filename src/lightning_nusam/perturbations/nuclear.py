@@ -29,7 +29,6 @@ from lightning_nusam.checks import (
     check_choice,
     check_count,
     check_flag,
-    check_integer,
     check_positive,
     check_types,
 )
@@ -172,16 +171,13 @@ class NuclearPerturbation(Perturbation):
         **Perturbation.option_checks,
         "power_iterations": lambda v: check_count("power_iterations", v, 1, whole_floats=True,
                                                   meaning="T of Algorithm 2"),
-        "include": lambda v: None if v is None else as_patterns("include", v),
         "exclude": lambda v: DEFAULT_NUCLEAR_EXCLUDE if v is None else as_patterns("exclude", v),
         "exclude_modules": lambda v: () if v is None else check_types("exclude_modules", v),
         "include_conv": lambda v: check_flag("include_conv", v),
         "include_embeddings": lambda v: check_flag("include_embeddings", v),
         "batched": lambda v: check_choice("batched", v, (True, False, "auto")),
         "max_stack_numel": lambda v: check_count("max_stack_numel", v, 1),
-        "tau": lambda v: check_positive("tau", v),
-        "seed": lambda v: check_integer("seed", v),
-        "exact_restore": lambda v: check_choice("exact_restore", v, (None, True, False)),
+        "tau": lambda v: check_positive("tau", v),  # > 0 here: it keeps the normalisations finite
     }
     supports_one_pass = True
     replica_reduction = "vectors"
@@ -303,7 +299,6 @@ class NuclearPerturbation(Perturbation):
 
     def _apply(self, rho: float, repeat: bool) -> None:  # ε depends only on (u, v, ρ)
         for group in self._groups:
-            self._follow_device(group)
             for row in group.estimated_rows:
                 self._add_rank_one(group, row, rho)
                 group.applied_rows.append(row)  # restore() undoes exactly the rows added so far
@@ -338,7 +333,6 @@ class NuclearPerturbation(Perturbation):
                 if item.parameter.requires_grad and dense_gradient(item) is not None]
         if not rows:
             return
-        self._follow_device(group)
         n, m = group.u.shape[1], group.v.shape[1]
         batched = self.batched if self.batched != "auto" else n * m <= AUTO_BATCH_MAX_NUMEL
         reduce = group.row_reduce if group.sharding is not None else None
@@ -371,7 +365,6 @@ class NuclearPerturbation(Perturbation):
             rows = [i for i, item in enumerate(group.members) if item.parameter.requires_grad]
             if not rows:
                 continue
-            self._follow_device(group)
             n, m = group.u.shape[1], group.v.shape[1]
             batched = self.batched if self.batched != "auto" else n * m <= AUTO_BATCH_MAX_NUMEL
             grads = [self._grad_matrix(group, row, zero_if_missing=True) for row in rows]
@@ -417,14 +410,6 @@ class NuclearPerturbation(Perturbation):
             group.u.index_copy_(0, index, torch.where(keep_new_u, estimate.u, group.u[index]))
             group.v.index_copy_(0, index, v)
         group.estimated_rows.extend(rows)
-
-    @staticmethod
-    def _follow_device(group: _ShapeGroup) -> None:
-        """Keep the vectors on the parameters' device (Lightning moves the model after setup)."""
-        device = local(group.members[0].parameter.detach()).device
-        if group.u.device != device:
-            group.u = group.u.to(device)
-            group.v = group.v.to(device)
 
     def _add_rank_one(self, group: _ShapeGroup, row: int, rho: float) -> None:
         """``M ← M + ρ u vᵀ`` in place; an fp32 weight gets no ``n×m`` temporary unless exact."""

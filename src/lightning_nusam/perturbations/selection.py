@@ -141,6 +141,17 @@ def dense_gradient(item: SelectedParameter) -> torch.Tensor | None:
     return grad
 
 
+def is_convolution_kernel(item: SelectedParameter) -> bool:
+    """A convolution layer's kernel (more than two dimensions): νSAM perturbs it with ``include_conv``."""
+    return isinstance(item.module, CONV_LAYER_TYPES) and item.parameter.dim() > 2
+
+
+def is_embedding_table(item: SelectedParameter) -> bool:
+    """A parameter owned by embedding layers only (an embedding tied to an output projection,
+    a linear map, is that layer's weight matrix): νSAM perturbs it with ``include_embeddings``."""
+    return all(isinstance(m, EMBEDDING_TYPES) for m in item.owners)
+
+
 def select_matrices(
     model: nn.Module,
     *,
@@ -164,10 +175,9 @@ def select_matrices(
     skip_types = NORM_LAYER_TYPES + tuple(exclude_modules)
     selected = []
     for item in owned_parameters(model):
-        # an embedding tied to an output projection (a linear map) is that layer's weight matrix
-        if not include_embeddings and all(isinstance(m, EMBEDDING_TYPES) for m in item.owners):
+        if not include_embeddings and is_embedding_table(item):
             continue
-        is_conv = isinstance(item.module, CONV_LAYER_TYPES) and item.parameter.dim() > 2
+        is_conv = is_convolution_kernel(item)
         if is_conv and not include_conv:
             continue
         if not is_conv and item.parameter.dim() != 2:
@@ -218,20 +228,22 @@ def nothing_to_perturb(model: nn.Module, hint: str) -> ValueError:
 
 def coverage(model: nn.Module, selected: Sequence[SelectedParameter], *, include_conv: bool = False,
              include_embeddings: bool = False) -> tuple[float, list[str]]:
-    """The share of the model's weights in ``selected``, and the convolution kernels and
-    embedding tables left out by default, with the option that would include them (for νSAM's
-    one-time note on a mostly convolutional or embedding-heavy model)."""
+    """The share of the model's trainable weights in ``selected``, and the convolution kernels
+    and embedding tables left out by default, with the option that would include them (for
+    νSAM's one-time note on a mostly convolutional or embedding-heavy model)."""
     chosen = {id(item.parameter) for item in selected}
     total = covered = 0
     left_out: dict[tuple[str, str], list[int]] = {}
     for item in owned_parameters(model):
+        if not item.parameter.requires_grad:
+            continue
         total += item.parameter.numel()
         if id(item.parameter) in chosen:
             covered += item.parameter.numel()
             continue
-        if not include_conv and isinstance(item.module, CONV_LAYER_TYPES) and item.parameter.dim() > 2:
+        if not include_conv and is_convolution_kernel(item):
             kind = ("convolution kernel", "include_conv=True perturbs them as matrices")
-        elif not include_embeddings and isinstance(item.module, EMBEDDING_TYPES):
+        elif not include_embeddings and is_embedding_table(item):
             kind = ("embedding table", "include_embeddings=True perturbs them")
         else:
             continue
