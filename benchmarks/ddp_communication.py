@@ -60,7 +60,7 @@ def worker(rank: int, args: argparse.Namespace, port: int, results: dict) -> Non
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel
 
-    from lightning_nusam.engine import LossPasses, StepEngine, StepPlan
+    from lightning_nusam.engine import LossPasses, StepEngine
     from lightning_nusam.perturbations import L2Perturbation, NuclearPerturbation
 
     sys.path.insert(0, str(ROOT))
@@ -85,12 +85,11 @@ def worker(rank: int, args: argparse.Namespace, port: int, results: dict) -> Non
     batch = (torch.randn(args.batch_size, 3, 32, 32, generator=generator),
              torch.randint(0, 10, (args.batch_size,), generator=generator))
     passes = LossPasses(lambda b, _: nn.functional.cross_entropy(ddp(b[0]), b[1]), no_sync=ddp.no_sync)
-    plan = StepPlan() if perturbation is None else None
     times, sent = [], 0
     for index in range(args.warmup + args.steps):
         dist.barrier()
         before, start = loopback_bytes(), time.perf_counter()
-        engine.step(passes, [(batch, index)], optimizer, plan)
+        engine.step(passes, [(batch, index)], optimizer)
         elapsed = time.perf_counter() - start
         dist.barrier()
         if index >= args.warmup:

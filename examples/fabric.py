@@ -42,7 +42,7 @@ TEST_SIZE = 2000
 def train(fabric: Fabric, steps: int = 60, rho: float = 0.05, batch_size: int = 32, lr: float = 0.05,
           build_before_setup: bool = True, model: nn.Module | None = None) -> tuple[nn.Module, ...]:
     """νSAM with SGD for ``steps`` steps; each rank takes its share of every batch (as a
-    DistributedSampler would). Returns the (Fabric) model and the perturbation."""
+    DistributedSampler would). Returns the (Fabric) model and the step engine."""
     model = model if model is not None else make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     if build_before_setup:
@@ -60,12 +60,7 @@ def train(fabric: Fabric, steps: int = 60, rho: float = 0.05, batch_size: int = 
         rows = slice(step * batch_size + rank, (step + 1) * batch_size, world)
         batch = (fabric.to_device(inputs[rows]), fabric.to_device(labels[rows]))
         engine.step(passes, [(batch, step)], optimizer)
-    return model, nusam
-
-
-def engine_reduces(fabric: Fabric) -> bool:
-    """Whether νSAM's first pass skips the gradient all-reduce here (DDP: it reduces vectors)."""
-    return fabric_engine(fabric, nn.Linear(2, 2), NuclearPerturbation(nn.Linear(2, 2))).perturbation_reduces
+    return model, engine
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -80,7 +75,8 @@ def main(argv: list[str] | None = None) -> float:
     fabric = Fabric(accelerator="cpu", devices=args.devices, strategy=args.strategy, precision=args.precision)
     fabric.launch()
     torch.manual_seed(1)
-    model, nusam = train(fabric, steps=args.steps, model=make_model(dropout=args.dropout))
+    model, engine = train(fabric, steps=args.steps, model=make_model(dropout=args.dropout))
+    nusam = engine.perturbation
     inputs, labels = (t[-TEST_SIZE:] for t in teacher_dataset(args.steps * 32 + TEST_SIZE))
     model.eval()
     with torch.no_grad():
@@ -88,7 +84,7 @@ def main(argv: list[str] | None = None) -> float:
     if args.save is not None:
         torch.save({"weights": [p.detach().float().cpu() for p in model.parameters()],
                     "names": nusam.parameter_names, "exact_restore": nusam.exact_restore,
-                    "first_pass_without_all_reduce": engine_reduces(fabric)},
+                    "first_pass_without_all_reduce": engine.perturbation_reduces},
                    args.save / f"fabric_rank{fabric.global_rank}.pt")
     fabric.print(f"νSAM on {nusam.parameter_names} ({args.precision}, {fabric.world_size} process(es)): "
                  f"held {nusam.held_numel():,} numbers; test accuracy {accuracy:.3f}")

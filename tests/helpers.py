@@ -4,9 +4,12 @@ modules and Trainer settings."""
 
 from __future__ import annotations
 
+import importlib.util
 import random
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import lightning as L
 import numpy as np
@@ -219,6 +222,18 @@ def max_weight_difference(a: nn.Module | list[torch.Tensor], b: nn.Module | list
 Window = list[tuple[torch.Tensor, torch.Tensor]]
 
 
+def micro_batches(dataset: TensorDataset, batch_size: int = 8) -> Window:
+    """The dataset's micro-batches in the order ``loader(dataset, batch_size)`` yields them."""
+    inputs, labels = dataset.tensors
+    return [(inputs[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, len(inputs), batch_size)]
+
+
+def windows(dataset: TensorDataset, batch_size: int = 8, per_step: int = 1) -> list[Window]:
+    """Those micro-batches grouped into optimizer steps of ``per_step`` (the last may be partial)."""
+    micro = micro_batches(dataset, batch_size)
+    return [micro[i:i + per_step] for i in range(0, len(micro), per_step)]
+
+
 def reference_loop(net: nn.Module, make_perturbation: Callable[[nn.Module], Perturbation] | None,
                    windows: list[Window], *, divide_by: int | None = None,
                    make_optimizer: Callable[..., torch.optim.Optimizer] | None = None,
@@ -246,6 +261,19 @@ def reference_loop(net: nn.Module, make_perturbation: Callable[[nn.Module], Pert
         if scheduler is not None:
             scheduler.step()
     return net
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative_path: str) -> ModuleType:
+    """A script of the repository (``examples/fabric.py``, ``benchmarks/accuracy.py``) as a module."""
+    path = ROOT / relative_path
+    spec = importlib.util.spec_from_file_location(f"{path.parent.name}_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve a module's annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
 
 
 def trainer(**kwargs) -> L.Trainer:

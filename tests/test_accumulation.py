@@ -15,6 +15,7 @@ from helpers import (
     loader,
     make_net,
     max_weight_difference,
+    micro_batches,
     reference_loop,
     trainer,
 )
@@ -54,8 +55,7 @@ def test_k_micro_batches_equal_one_batch_of_k_times_the_size(path, name):
 @pytest.mark.parametrize("path", ["mixin", "dropin"])
 def test_a_partial_window_steps_at_the_end_of_the_epoch(path):
     data = classification_data(n=40)  # 5 micro-batches of 8 per epoch, k = 3: windows of 3 and 2
-    inputs, labels = data.tensors
-    micro = [(inputs[i:i + 8], labels[i:i + 8]) for i in range(0, 40, 8)]
+    micro = micro_batches(data)
     expected = reference_loop(make_net(), lambda net: NuclearPerturbation(net, rho=0.3),
                               [micro[:3], micro[3:]] * 2, divide_by=3, halve_lr_every_step=True)
     if path == "mixin":

@@ -1,24 +1,16 @@
 """The accuracy study driver (benchmarks/accuracy.py): both phases, resuming, reruns, the report."""
 
 import csv
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import write_fake_cifar
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import load_script, write_fake_cifar
 
 
 def load_study():
-    spec = importlib.util.spec_from_file_location("accuracy_study", ROOT / "benchmarks" / "accuracy.py")
-    study = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = study  # dataclasses resolve the module's annotations through sys.modules
-    spec.loader.exec_module(study)
-    return study
+    return load_script("benchmarks/accuracy.py")
 
 
 def read(path: Path) -> list[dict]:

@@ -3,6 +3,7 @@ ranks stay identical, while the first pass communicates only what the perturbati
 the power iteration's products, Σm then Σn numbers; SAM-ON: the normalisation layers' gradients;
 GaussSAM: nothing; SAM: the gradient); m-SAM perturbs per rank; ``rho=0`` is a no-op under DDP."""
 
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import lightning_nusam
+from ddp_script import parse
 from helpers import (
     Classifier,
     PlainClassifier,
@@ -48,14 +50,18 @@ def ranks(tmp_path_factory) -> dict[str, list[dict]]:
 
 
 def single_process(mode: str) -> list[list[torch.Tensor]]:
-    """The same run in one process with the joined batch of 8 at every step."""
-    sys.path.insert(0, str(HERE))
-    from ddp_script import parse
-
+    """The same run in one process with the joined batch of 8 at every step (the micro-batches and
+    the first pass's reduction do not change what a step computes, so they are not options here)."""
     options = parse(mode)
+    return _single_process(options["way"], options["method"], float(options["rho"]),
+                           options["reduction"] == "onepass", int(options["every"]), options["precision"])
+
+
+@functools.cache
+def _single_process(way: str, method: str, rho: float, one_pass: bool, every: int,
+                    precision: str) -> list[list[torch.Tensor]]:
     weights = []
-    reduction = options["reduction"]
-    callback_cls = getattr(lightning_nusam, options["method"])
+    callback_cls = getattr(lightning_nusam, method)
 
     class Record(callback_cls):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -63,12 +69,19 @@ def single_process(mode: str) -> list[list[torch.Tensor]]:
             weights.append([p.detach().clone() for p in pl_module.parameters()])
 
     torch.manual_seed(0)
-    module = PlainClassifier() if options["way"] == "dropin" else Classifier()
-    record = Record(rho=float(options["rho"]), one_pass=reduction == "onepass",
-                    every_n_steps=int(options["every"]))
-    trainer(max_steps=STEPS, callbacks=[record], precision=options["precision"]).fit(
+    module = PlainClassifier() if way == "dropin" else Classifier()
+    record = Record(rho=rho, one_pass=one_pass, every_n_steps=every)
+    trainer(max_steps=STEPS, callbacks=[record], precision=precision).fit(
         module, loader(classification_data(), 8))
     return weights
+
+
+def deviation_from_single_process(record: dict, mode: str) -> float:
+    """The largest |w_ddp − w_single| over the steps of rank ``record``'s run of ``mode``."""
+    reference = single_process(mode)
+    deviation = max(max_weight_difference(record["weights"][s], reference[s]) for s in range(STEPS))
+    print(f"{mode}: max |w_ddp - w_single| over {STEPS} steps: {deviation:.3e}")
+    return deviation
 
 
 def rows_and_columns() -> tuple[int, int]:
@@ -91,10 +104,7 @@ def test_synced_nusam_reduces_the_power_iterations_products_not_the_gradient(ran
     for step in range(perturbed_steps):  # the same ε on both ranks, from different local gradients
         assert max_weight_difference(rank0["perturbed"][step], rank1["perturbed"][step]) == 0.0
         assert max_weight_difference(rank0["first_grads"][step], rank1["first_grads"][step]) > 1e-4
-    reference = single_process(mode)
-    deviation = max(max_weight_difference(rank0["weights"][s], reference[s]) for s in range(STEPS))
-    print(f"{mode}: max |w_ddp - w_single| over {STEPS} steps: {deviation:.3e}")
-    assert deviation <= 1e-5
+    assert deviation_from_single_process(rank0, mode) <= 1e-5
     assert rank0["rng_entries"] == rank1["rng_entries"] == 2  # each rank's own RNG state is saved
     assert rank0["own_rng_saved"] and rank1["own_rng_saved"]
 
@@ -107,10 +117,7 @@ def test_the_full_gradient_all_reduce_on_request_and_for_sam(ranks, mode):
     for step in range(STEPS):
         assert max_weight_difference(rank0["first_grads"][step], rank1["first_grads"][step]) == 0.0
         assert max_weight_difference(rank0["weights"][step], rank1["weights"][step]) == 0.0
-    reference = single_process(mode)
-    deviation = max(max_weight_difference(rank0["weights"][s], reference[s]) for s in range(STEPS))
-    print(f"{mode}: max |w_ddp - w_single| over {STEPS} steps: {deviation:.3e}")
-    assert deviation <= 1e-5
+    assert deviation_from_single_process(rank0, mode) <= 1e-5
 
 
 @pytest.mark.parametrize(("mode", "reduced"), [("way=dropin,method=SAMON", 32),
@@ -121,18 +128,15 @@ def test_sam_on_reduces_its_norm_gradients_and_gauss_sam_nothing(ranks, mode, re
     assert rank0["collectives"] == [[reduced] if reduced else []] * STEPS  # LayerNorm(16): 32 numbers
     for step in range(STEPS):
         assert max_weight_difference(rank0["perturbed"][step], rank1["perturbed"][step]) == 0.0
-    reference = single_process(mode)
-    assert max(max_weight_difference(rank0["weights"][s], reference[s]) for s in range(STEPS)) <= 1e-5
+    assert deviation_from_single_process(rank0, mode) <= 1e-5
 
 
 def test_bf16_mixed_keeps_the_ranks_identical(ranks):
     rank0, rank1 = ranks["way=dropin,precision=bf16-mixed"]
     assert all(max_weight_difference(a, b) == 0.0
                for a, b in zip(rank0["weights"], rank1["weights"], strict=True))
-    reference = single_process("way=dropin,precision=bf16-mixed")
-    deviation = max(max_weight_difference(rank0["weights"][s], reference[s]) for s in range(STEPS))
-    print(f"bf16-mixed: max |w_ddp - w_single| over {STEPS} steps: {deviation:.3e}")
-    assert deviation <= 1e-2  # bf16 autocast on batches of 4 instead of 8
+    # bf16 autocast on batches of 4 instead of 8
+    assert deviation_from_single_process(rank0, "way=dropin,precision=bf16-mixed") <= 1e-2
 
 
 def test_one_pass_estimates_from_the_all_reduced_gradient(ranks):
@@ -140,10 +144,7 @@ def test_one_pass_estimates_from_the_all_reduced_gradient(ranks):
     assert rank0["allreduces_per_step"] == [1] * STEPS  # one pass per step
     for step in range(STEPS):  # the direction comes from the same, all-reduced gradient on both ranks
         assert max_weight_difference(rank0["first_grads"][step], rank1["first_grads"][step]) == 0.0
-    reference = single_process("way=dropin,reduction=onepass")
-    deviation = max(max_weight_difference(rank0["weights"][s], reference[s]) for s in range(STEPS))
-    print(f"one-pass DDP vs one process: {deviation:.3e}")
-    assert deviation <= 1e-5
+    assert deviation_from_single_process(rank0, "way=dropin,reduction=onepass") <= 1e-5
 
 
 @pytest.mark.parametrize("mode", ["way=mixin,reduction=msam,resync=3", "way=dropin,reduction=msam,resync=3"])

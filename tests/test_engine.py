@@ -7,14 +7,14 @@ import torchmetrics
 from torch import nn
 
 from helpers import Window, classification_data, make_net, max_weight_difference, reference_loop
+from helpers import windows as windows_of
 from lightning_nusam.engine import LossPasses, StepEngine, StepPlan
 from lightning_nusam.perturbations import GaussianPerturbation, L2Perturbation, NuclearPerturbation
 
 
-def windows(batch_size: int = 4, per_step: int = 3, n: int = 48) -> list[Window]:
-    inputs, labels = classification_data(n=n).tensors
-    micro = [(inputs[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, n, batch_size)]
-    return [micro[i:i + per_step] for i in range(0, len(micro), per_step)]
+def windows() -> list[Window]:
+    """The tests' data in steps of three micro-batches of 4."""
+    return windows_of(classification_data(), batch_size=4, per_step=3)
 
 
 def engine_loop(net: nn.Module, engine: StepEngine, steps, optimizer, per_step: int, plan=None) -> nn.Module:
@@ -92,6 +92,8 @@ def test_batchnorm_statistics_come_from_the_chosen_pass(update, tracked):
         reference(x)
     if update == "first":  # the same statistics as three plain forward passes at w
         assert torch.equal(net[1].running_mean, reference[1].running_mean)
+    else:  # the second pass, at w + ε, contributed
+        assert not torch.equal(net[1].running_mean, reference[1].running_mean)
 
 
 @pytest.mark.parametrize("cls", [NuclearPerturbation, L2Perturbation, GaussianPerturbation])

@@ -1,16 +1,15 @@
-import importlib.util
 import re
 from pathlib import Path
 
 import torch
 
+from helpers import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_plain_pytorch_example_trains_with_nusam():
-    spec = importlib.util.spec_from_file_location("plain_pytorch", ROOT / "examples" / "plain_pytorch.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_script("examples/plain_pytorch.py")
     train_accuracy, test_accuracy = example.train(epochs=4)
     assert test_accuracy > 0.85 and train_accuracy > 0.85
 
@@ -63,9 +62,7 @@ def test_readme_mixin_example_trains():
 
 
 def test_dropin_example_trains_on_the_digits():
-    spec = importlib.util.spec_from_file_location("dropin", ROOT / "examples" / "dropin.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_script("examples/dropin.py")
     assert example.main(epochs=4) > 0.85
 
 

@@ -1,7 +1,6 @@
 """Lightning Fabric: the core and the step engine in a Fabric loop (examples/fabric.py), with the
 perturbation built before or after fabric.setup, in 32-true, bf16-mixed, bf16-true and 2-process DDP."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -10,13 +9,11 @@ import pytest
 import torch
 from lightning.fabric import Fabric
 
-from helpers import max_weight_difference, subprocess_env
+from helpers import load_script, max_weight_difference, subprocess_env
 from lightning_nusam.perturbations import NuclearPerturbation
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("fabric_example", ROOT / "examples" / "fabric.py")
-example = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(example)
+example = load_script("examples/fabric.py")
 
 
 def fabric(precision: str = "32-true") -> Fabric:
@@ -28,7 +25,8 @@ def test_a_perturbation_built_before_or_after_setup_trains_the_same(precision):
     weights = {}
     for before in (True, False):
         torch.manual_seed(1)  # the dropout masks (both passes draw the same ones)
-        model, nusam = example.train(fabric(precision), steps=8, build_before_setup=before)
+        model, engine = example.train(fabric(precision), steps=8, build_before_setup=before)
+        nusam = engine.perturbation
         assert nusam.parameter_names == ["0.weight", "3.weight"]  # the user's names, not _forward_module.*
         assert nusam.exact_restore == (precision == "bf16-true")
         expected = torch.bfloat16 if precision == "bf16-true" else torch.float32
@@ -41,8 +39,8 @@ def test_a_perturbation_built_before_or_after_setup_trains_the_same(precision):
 @pytest.mark.parametrize("before", [True, False])
 def test_bf16_true_weights_are_restored_bit_exactly_whenever_the_perturbation_was_built(before):
     initial = [p.detach().to(torch.bfloat16) for p in example.make_model().parameters()]
-    model, nusam = example.train(fabric("bf16-true"), steps=12, lr=0.0, rho=0.5, build_before_setup=before)
-    assert nusam.steps == 12 and nusam.exact_restore
+    model, engine = example.train(fabric("bf16-true"), steps=12, lr=0.0, rho=0.5, build_before_setup=before)
+    assert engine.perturbation.steps == 12 and engine.perturbation.exact_restore
     assert max_weight_difference(list(model.parameters()), initial) == 0.0
 
 
@@ -51,7 +49,10 @@ def test_patterns_and_state_dicts_use_the_users_parameter_names():
     saved = NuclearPerturbation(model, rho=0.1).state_dict()  # from the plain model
     wrapped, _ = fabric().setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
     assert NuclearPerturbation(wrapped, rho=0.1, include="3.*").parameter_names == ["3.weight"]
-    NuclearPerturbation(wrapped, rho=0.1).load_state_dict(saved)
+    loaded = NuclearPerturbation(wrapped, rho=0.1)
+    loaded.load_state_dict(saved)
+    assert loaded.state_dict()["u"].keys() == saved["u"].keys() == {"0.weight", "3.weight"}
+    assert all(torch.equal(loaded.state_dict()["u"][k], saved["u"][k]) for k in saved["u"])
 
 
 def test_two_process_ddp_equals_one_process_and_reduces_vectors(tmp_path):

@@ -12,6 +12,7 @@ from helpers import (
     max_weight_difference,
     reference_loop,
     trainer,
+    windows,
 )
 from lightning_nusam import SAM, SAMON, NuSAM, NuSAMNorm
 from lightning_nusam.perturbations import L2Perturbation, NuclearPerturbation
@@ -24,8 +25,7 @@ from lightning_nusam.perturbations import L2Perturbation, NuclearPerturbation
 def test_lightning_step_equals_plain_pytorch_loop(callback, perturbation_cls):
     dataset = classification_data()
     module = Classifier()
-    inputs, labels = dataset.tensors
-    batches = [[(inputs[i:i + 8], labels[i:i + 8])] for i in range(0, 48, 8)]
+    batches = windows(dataset)
     make = (lambda net: perturbation_cls(net, rho=callback.rho)) if callback else None
     reference = reference_loop(copy.deepcopy(module.net), make, batches)
     trainer(callbacks=[callback] if callback else []).fit(module, loader(dataset))

@@ -1,13 +1,10 @@
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
+from helpers import load_script
 from lightning_nusam.cli import main as nusam
 from lightning_nusam.memory import memory_report
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_memory_report_reproduces_table_1_and_the_sgd_saving():
@@ -28,9 +25,7 @@ def test_nusam_memory_subcommand(capsys):
 
 
 def test_benchmark_script_writes_table_json_and_chart(tmp_path):
-    spec = importlib.util.spec_from_file_location("memory_speed", ROOT / "benchmarks" / "memory_speed.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/memory_speed.py")
     rows = bench.main(["--models", "vit_t4", "--methods", "adamw", "two_pass", "peer_sam", "nusam_t1",
                        "--steps", "2", "--warmup", "0", "--batch-size", "2", "--out", str(tmp_path)])
     by_method = {r["method"]: r for r in rows}
@@ -45,10 +40,7 @@ def test_benchmark_script_writes_table_json_and_chart(tmp_path):
 
 def test_ddp_communication_benchmark_counts_what_a_step_sends(tmp_path):
     """Two gloo processes, one step each: νSAM's synced first pass adds only its vectors."""
-    script = ROOT / "benchmarks" / "ddp_communication.py"
-    spec = importlib.util.spec_from_file_location("ddp_communication", script)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/ddp_communication.py")
     bench.main(["--models", "vit_t4", "--methods", "adamw", "sam", "nusam_vectors", "--links", "unlimited",
                 "--steps", "1", "--warmup", "0", "--batch-size", "2", "--out", str(tmp_path)])
     rows = {r["method"]: r for r in json.loads((tmp_path / "ddp_communication_cpu.json").read_text())["rows"]}

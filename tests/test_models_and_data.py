@@ -1,4 +1,3 @@
-import importlib.util
 import pickle
 from pathlib import Path
 
@@ -7,6 +6,7 @@ import pytest
 import timm
 import torch
 
+from helpers import load_script
 from lightning_nusam.data import CIFAR_STATS, CIFARDataModule, DigitsDataModule
 from lightning_nusam.models import ImageClassifier, warmup_cosine_schedule
 
@@ -15,10 +15,7 @@ SHARED_CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10"
 
 
 def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"examples/{name}.py")
 
 
 def test_demo_reaches_90_percent_and_nusam_resists_label_noise(tmp_path, monkeypatch, capsys):

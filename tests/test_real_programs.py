@@ -10,6 +10,7 @@ must be exactly a no-op, in every combination below: the weights of the run with
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import random
 import signal
@@ -41,6 +42,7 @@ from helpers import (
     loader,
     make_net,
     max_weight_difference,
+    micro_batches,
     reference_loop,
     trainer,
 )
@@ -203,9 +205,9 @@ class Mixup(PlainClassifier):
             logits, labels.flip(0))
 
 
-def draws_after_fit(callbacks, accumulate=1, module_cls=Mixup):
+def draws_after_fit(callbacks, accumulate=1):
     L.seed_everything(7)
-    module = module_cls()
+    module = Mixup()
     trainer(max_epochs=1, callbacks=callbacks, accumulate_grad_batches=accumulate).fit(
         module, loader(classification_data(n=48)))
     return module, (float(torch.rand(())), float(np.random.rand()), random.random())
@@ -229,17 +231,12 @@ def test_independent_draws_per_pass_on_request():
     assert all(a != b for a, b in zip(first, second, strict=True))
 
 
-class MixinDropout(Classifier):
-    def __init__(self, **kwargs):
-        super().__init__(net=make_net(dropout=0.5), **kwargs)
-
-
 def test_the_mixin_replays_the_random_draws_too():
     L.seed_everything(3)
-    plain = MixinDropout(accumulate_grad_batches=2)
+    plain = Classifier(net=make_net(dropout=0.5), accumulate_grad_batches=2)
     trainer(max_epochs=1).fit(plain, loader(classification_data()))
     L.seed_everything(3)
-    sam = MixinDropout(accumulate_grad_batches=2)
+    sam = Classifier(net=make_net(dropout=0.5), accumulate_grad_batches=2)
     trainer(max_epochs=1, callbacks=[NuSAM(rho=0.0)]).fit(sam, loader(classification_data()))
     assert max_weight_difference(sam.net, plain.net) == 0.0
 
@@ -281,34 +278,25 @@ def test_an_optimizer_step_override_that_runs_the_closure_itself_takes_the_same_
 
 
 # 5. SWA on a BatchNorm model ---------------------------------------------------------------------------
-class WeightsAtEpochStart(Callback):
-    def __init__(self):
-        self.weights = {}
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        self.weights[trainer.current_epoch] = copy.deepcopy(pl_module.net)
-
-
 def swa_fit(callbacks):
     torch.manual_seed(0)
     module = PlainClassifier(net=make_net(batchnorm=True))
-    watcher = WeightsAtEpochStart()
     swa = StochasticWeightAveraging(swa_lrs=0.02, swa_epoch_start=1)
-    run = trainer(max_epochs=3, callbacks=[*callbacks, swa, watcher])
+    run = trainer(max_epochs=3, callbacks=[*callbacks, swa])
     run.fit(module, loader(classification_data()))
-    return module, watcher
+    return module
 
 
 def test_swa_batchnorm_update_epoch_runs_only_lightnings_pass_and_rho_zero_is_a_no_op():
-    plain, _ = swa_fit([])
+    plain = swa_fit([])
     sam = NuSAM(rho=0.5)
-    perturbed, _ = swa_fit([sam])
+    perturbed = swa_fit([sam])
     # epoch 3 is SWA's BatchNorm update: Lightning runs one forward per batch and no backward,
     # and the callback adds nothing to it (epochs 0-2 perturb every step: 18 steps)
     assert perturbed.passes[-6:] == [None] * 6
     assert perturbed.passes[:-6] == ["first", "second"] * 18 and sam.perturbation.steps == 18
     assert perturbed.net[1].momentum is not None  # SWA put the BatchNorm momentum back
-    zero, _ = swa_fit([NuSAM(rho=0.0)])
+    zero = swa_fit([NuSAM(rho=0.0)])
     assert max_weight_difference(zero.net, plain.net) == 0.0
     assert torch.equal(zero.net[1].running_mean, plain.net[1].running_mean)
     assert torch.equal(zero.net[1].running_var, plain.net[1].running_var)
@@ -332,8 +320,7 @@ class MixinSkipsEveryThird(Classifier):
 
 def skipped_reference(rho: float) -> nn.Module:
     """Windows of 3 micro-batches, the third skipped: νSAM over the other two, losses / 3."""
-    inputs, labels = classification_data().tensors
-    micro = [(inputs[i:i + 8], labels[i:i + 8]) for i in range(0, 48, 8)]
+    micro = micro_batches(classification_data())
     return reference_loop(make_net(), lambda net: NuclearPerturbation(net, rho=rho), [micro[0:2], micro[3:5]],
                           divide_by=3)
 
@@ -385,14 +372,18 @@ def first_draw_after_lr_find(seed: int, lr_find: bool) -> float:
 
 
 def test_after_lr_find_the_next_fit_follows_the_users_seed():
-    assert first_draw_after_lr_find(7, lr_find=True) == first_draw_after_lr_find(7, lr_find=False)
-    assert first_draw_after_lr_find(7, lr_find=True) != first_draw_after_lr_find(8, lr_find=True)
+    seven = first_draw_after_lr_find(7, lr_find=True)
+    assert seven == first_draw_after_lr_find(7, lr_find=False)
+    assert seven != first_draw_after_lr_find(8, lr_find=True)
 
 
 # 8. rho_schedule="lr" with a warm-up ---------------------------------------------------------------------
 class RadiusLog(Callback):
     def __init__(self):
         self.radii, self.lrs = [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])  # the step's learning rate
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.radii.append(float(trainer.callback_metrics["sam/rho_step"]))
@@ -435,6 +426,7 @@ def test_lr_radius_with_one_cycle_is_relative_to_its_peak():
     trainer(max_steps=6, callbacks=[NuSAM(rho=0.1, rho_schedule="lr"), log]).fit(
         OneCycle(), loader(classification_data()))
     assert max(log.radii) <= 0.1 * (1 + 1e-6) and log.radii[0] < 0.01
+    assert log.radii == pytest.approx([0.1 * lr / 0.1 for lr in log.lrs], rel=1e-5)  # ρ·lr_t/max_lr
 
 
 # 9. misuse of the core --------------------------------------------------------------------------------------
@@ -512,7 +504,7 @@ class SaveDuringTheSecondPass(Callback):
     """Writes a checkpoint from inside the second pass (as a preemption handler would)."""
 
     def __init__(self, folder: Path, hook: str):
-        self.folder, self.hook, self.clean, self.saved = folder, hook, None, []
+        self.folder, self.hook, self.saved = folder, hook, []
 
     def _maybe_save(self, trainer, pl_module):
         if sam_pass(pl_module) == "second" and not self.saved:
@@ -562,7 +554,7 @@ def test_a_checkpoint_written_during_the_second_pass_holds_the_unperturbed_weigh
     run.fit(module, loader(classification_data()))
     state = torch.load(saver.saved[0], weights_only=False)["state_dict"]
     assert_unperturbed(state, module.clean[0], exact=method == "SAM")
-    assert_unperturbed(state, {k: v for k, v in module.state_dict().items()}, exact=True)
+    assert_unperturbed(state, module.state_dict(), exact=True)
 
 
 def test_a_slurm_preemption_signal_in_the_second_pass_saves_unperturbed_weights(tmp_path, monkeypatch):
@@ -732,10 +724,16 @@ def fit_everything(path: str, callbacks: list, precision: str = "32-true") -> nn
     return module
 
 
+@functools.cache
+def fit_everything_without_callbacks(path: str, precision: str = "32-true") -> nn.Module:
+    """The reference run of :func:`fit_everything`, fitted once per path and precision."""
+    return fit_everything(path, [], precision)
+
+
 @pytest.mark.parametrize("path", ["dropin", "mixin"])
 @pytest.mark.parametrize("name", sorted(CALLBACKS))
 def test_rho_zero_is_exactly_a_no_op_with_accumulation_clipping_batchnorm_dropout_and_skips(name, path):
-    plain = fit_everything(path, [])
+    plain = fit_everything_without_callbacks(path)
     sam = fit_everything(path, [CALLBACKS[name](rho=0.0)])
     assert max_weight_difference(sam.net, plain.net) == 0.0
     assert torch.equal(sam.net[1].running_mean, plain.net[1].running_mean)
@@ -745,14 +743,14 @@ def test_rho_zero_is_exactly_a_no_op_with_accumulation_clipping_batchnorm_dropou
 @pytest.mark.parametrize("path", ["dropin", "mixin"])
 @pytest.mark.parametrize("name", ["NuSAM", "NuSAMNorm", "GaussSAM"])
 def test_a_radius_below_the_rounding_of_the_weights_is_a_no_op_too(name, path):
-    plain = fit_everything(path, [])
+    plain = fit_everything_without_callbacks(path)
     sam = fit_everything(path, [CALLBACKS[name](rho=1e-12)])
     assert max_weight_difference(sam.net, plain.net) == 0.0
 
 
 @pytest.mark.parametrize("path", ["dropin", "mixin"])
 def test_rho_zero_is_a_no_op_in_bf16_mixed(path):
-    plain = fit_everything(path, [], precision="bf16-mixed")
+    plain = fit_everything_without_callbacks(path, "bf16-mixed")
     sam = fit_everything(path, [NuSAM(rho=0.0)], precision="bf16-mixed")
     assert max_weight_difference(sam.net, plain.net) == 0.0
 

@@ -8,14 +8,22 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import classification_data, loader, make_net, max_weight_difference, reference_loop, trainer
+from helpers import (
+    Window,
+    classification_data,
+    loader,
+    make_net,
+    max_weight_difference,
+    micro_batches,
+    reference_loop,
+    trainer,
+)
 from lightning_nusam.optim import SAMOptimizer
 from lightning_nusam.perturbations import L2Perturbation, NuclearPerturbation
 
 
-def batches(n: int = 48, size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    inputs, labels = classification_data(n=n).tensors
-    return [(inputs[i:i + size], labels[i:i + size]) for i in range(0, n, size)]
+def batches() -> Window:
+    return micro_batches(classification_data())
 
 
 def sgd(parameters) -> torch.optim.Optimizer:

@@ -19,6 +19,7 @@ from helpers import (
     resumable_fit,
     same_weights,
     trainer,
+    windows,
 )
 from lightning_nusam import SAM, NuSAM
 from lightning_nusam.perturbations import L2Perturbation
@@ -140,9 +141,8 @@ def test_asam_equals_pytorch_optimizer_sam_adaptive_on_the_same_trajectory():
     net = make_net()
     reference = asam_reference(copy.deepcopy(net), dataset, steps=6, rho=0.5)
     # the perturbation in the reference loop
-    inputs, labels = dataset.tensors
     loop_net = reference_loop(copy.deepcopy(net), lambda n: L2Perturbation(n, rho=0.5, adaptive=True),
-                              [[(inputs[i:i + 8], labels[i:i + 8])] for i in range(0, 48, 8)],
+                              windows(dataset),
                               make_optimizer=lambda parameters: torch.optim.SGD(parameters, lr=0.1))
     loop_difference = max_weight_difference(loop_net, reference)
     # the callback on the drop-in
