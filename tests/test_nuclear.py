@@ -374,3 +374,56 @@ def test_auto_batches_only_small_repeated_shapes():
                                    rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="`batched`"):
         NuclearPerturbation(model, rho=0.1, batched="sometimes")
+
+
+@pytest.fixture
+def one_replica():
+    """A data-parallel group of one process (gloo, in-memory store): ``perturb(replicas=...)`` on
+    it must give the ε of the single-process path."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batched", ["auto", True, False])
+def test_the_replicated_power_iteration_on_one_replica_gives_the_local_epsilon(one_replica, batched, dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16),
+                          nn.Tanh(), nn.Linear(16, 3)).to(dtype)
+    model(torch.randn(8, 12, dtype=dtype)).sum().backward()
+    model[4].weight.grad = None  # a missing gradient counts as zero: that matrix gets no ε
+    results = []
+    for replicas in (None, one_replica):
+        nusam = NuclearPerturbation(model, rho=0.2, power_iterations=3, batched=batched)
+        before = snapshot(model)
+        nusam.perturb(replicas=replicas)
+        after = snapshot(model)
+        results.append({name: after[name].float() - before[name].float() for name in after})
+        nusam.restore()
+    for name, epsilon in results[0].items():
+        torch.testing.assert_close(results[1][name], epsilon, rtol=0, atol=1e-6, msg=name)
+    assert float(results[1]["4.weight"].abs().max()) == 0.0
+
+
+def test_the_replicated_power_iteration_stacks_at_most_max_stack_numel(one_replica, monkeypatch):
+    from lightning_nusam.perturbations import nuclear
+
+    stacked = []
+    original = nuclear.stacked_products
+    monkeypatch.setattr(nuclear, "stacked_products", lambda m: stacked.append(m.numel()) or original(m))
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(6)])  # one group of 6 matrices of 1,024
+    model(torch.randn(4, 32)).sum().backward()
+    local = NuclearPerturbation(model, rho=0.1, batched=False)
+    local.perturb()
+    expected = {name: p.detach().clone() for name, p in model.named_parameters()}
+    local.restore()
+    nusam = NuclearPerturbation(model, rho=0.1, batched=True, max_stack_numel=2 * 1024)
+    nusam.perturb(replicas=one_replica)
+    assert stacked == [2 * 1024]  # the first chunk of 2 is stacked; the other chunks are read in place
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[name], rtol=0, atol=1e-6)
+    nusam.restore()

@@ -355,9 +355,15 @@ class NuclearPerturbation(Perturbation):
         """Algorithm 2 for the mean gradient over the data-parallel ``replicas`` from this
         process's own gradients: every matrix that trains takes part (a missing gradient counts
         as zero, so that all processes reduce the same numbers), and each half-step averages the
-        products of all matrices in one collective call (see ``replicated_power_iteration``)."""
+        products of all matrices in one collective call (see ``replicated_power_iteration``).
+
+        All matrices iterate in lockstep, so their operators live together: stacked copies
+        (``batched``) are made only while they total at most ``max_stack_numel`` numbers, the
+        others are read in place, and a low-precision gradient is converted one matrix at a time
+        when it is read, as in the single-process path."""
         stacks: list[tuple[_ShapeGroup, list[int], torch.Tensor]] = []
         operators: list[Products] = []
+        stacked_numel = 0
         for group in self._groups:
             if group.sharding is not None:
                 raise ValueError("`replicas` cannot be combined with row-sharded (FSDP2) parameters, "
@@ -367,13 +373,19 @@ class NuclearPerturbation(Perturbation):
                 continue
             n, m = group.u.shape[1], group.v.shape[1]
             batched = self.batched if self.batched != "auto" else n * m <= AUTO_BATCH_MAX_NUMEL
-            grads = [self._grad_matrix(group, row, zero_if_missing=True) for row in rows]
+            zero = torch.zeros((), dtype=group.u.dtype, device=group.u.device).expand(n, m)  # no n×m memory
+            grads = [zero if (grad := dense_gradient(group.members[row])) is None else _as_matrix(local(grad))
+                     for row in rows]
             chunk = max(1, self.max_stack_numel // (n * m)) if batched else len(rows)
             for start in range(0, len(rows), chunk):
                 chunk_rows, chunk_grads = rows[start:start + chunk], grads[start:start + chunk]
                 u_start = group.u if len(chunk_rows) == len(group.members) else group.u[chunk_rows]
-                products = stacked_products(torch.stack(chunk_grads)) if batched and len(chunk_rows) > 1 \
-                    else looped_products(chunk_grads)
+                numel = len(chunk_rows) * n * m
+                if batched and len(chunk_rows) > 1 and stacked_numel + numel <= self.max_stack_numel:
+                    stacked_numel += numel
+                    products = stacked_products(torch.stack([g.to(group.u.dtype) for g in chunk_grads]))
+                else:
+                    products = looped_products(chunk_grads, group.u.dtype)
                 stacks.append((group, chunk_rows, u_start))
                 operators.append(products)
         results = replicated_power_iteration(operators, [u for _, _, u in stacks], self.power_iterations,
@@ -382,14 +394,10 @@ class NuclearPerturbation(Perturbation):
                 for (group, rows, _), (u, v, sigma) in zip(stacks, results, strict=True)]
 
     @staticmethod
-    def _grad_matrix(group: _ShapeGroup, row: int, zero_if_missing: bool = False) -> torch.Tensor:
-        """This rank's rows of the gradient as a matrix in the vectors' dtype (no copy for fp32);
-        with ``zero_if_missing``, zeros for a parameter without a (dense) gradient."""
-        item = group.members[row]
-        grad = dense_gradient(item)
-        if grad is None and zero_if_missing:
-            return torch.zeros(group.u.shape[1], group.v.shape[1], dtype=group.u.dtype, device=group.u.device)
-        return _as_matrix(local(grad)).to(group.u.dtype)
+    def _grad_matrix(group: _ShapeGroup, row: int) -> torch.Tensor:
+        """This rank's rows of a member's (dense) gradient as a matrix in the vectors' dtype (no
+        copy for fp32)."""
+        return _as_matrix(local(group.members[row].parameter.grad)).to(group.u.dtype)
 
     def _store(self, estimate: _Estimate, finite: torch.Tensor, scale: torch.Tensor | None) -> None:
         """Write the new ``u`` (warm start) and the ``v`` to apply, guarding against bad values.

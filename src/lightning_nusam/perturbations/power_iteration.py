@@ -74,10 +74,15 @@ def stacked_products(matrices: torch.Tensor) -> Products:
             lambda v_: torch.bmm(matrices, v_.unsqueeze(-1)).squeeze(-1))
 
 
-def looped_products(matrices: Sequence[torch.Tensor]) -> Products:
-    """The same for a list of equally shaped matrices, one ``mv`` per matrix (read in place)."""
-    return (lambda u_: torch.stack([torch.mv(a.t(), row) for a, row in zip(matrices, u_, strict=True)]),
-            lambda v_: torch.stack([torch.mv(a, row) for a, row in zip(matrices, v_, strict=True)]))
+def looped_products(matrices: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> Products:
+    """The same for a list of equally shaped matrices, one ``mv`` per matrix (read in place).
+    With ``dtype`` each matrix is converted to it when it is read, one at a time (a bf16 gradient
+    gets no fp32 copy that lives beyond its own product)."""
+    def read(a: torch.Tensor) -> torch.Tensor:
+        return a if dtype is None else a.to(dtype)
+
+    return (lambda u_: torch.stack([torch.mv(read(a).t(), row) for a, row in zip(matrices, u_, strict=True)]),
+            lambda v_: torch.stack([torch.mv(read(a), row) for a, row in zip(matrices, v_, strict=True)]))
 
 
 def replicated_power_iteration(
