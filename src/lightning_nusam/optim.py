@@ -149,7 +149,8 @@ class SAMOptimizer(torch.optim.Optimizer):
                 self.base_optimizer.step()
             self._first_step_taken = False
             return None
-        if not self._warned_gradients and any(p.grad is not None for p in self.perturbation.parameters):
+        if not self._warned_gradients and any(p.grad is not None for group in self.param_groups
+                                              for p in group["params"]):
             self._warned_gradients = True
             warnings.warn(
                 "SAMOptimizer.step(closure) found gradients already present; the step starts from cleared "
