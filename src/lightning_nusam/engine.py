@@ -251,6 +251,8 @@ class _Step:
     micro_batches: list[_MicroBatch] = field(default_factory=list)
     losses: dict[str, list[torch.Tensor]] = field(default_factory=lambda: {"first": [], "second": []})
     random_state_after: RandomState | None = None
+    #: the CUDA devices whose random streams the passes restore (looked up once per step)
+    cuda_devices: list[int] = field(default_factory=list)
     estimated: bool = False
     perturbed: bool = False
 
@@ -383,6 +385,8 @@ class StepEngine:
         if plan.perturb and self.perturbation is None:
             raise ValueError("a perturbing plan needs a perturbation")
         self._step = _Step(plan)
+        if plan.two_pass and self.same_random_draws:
+            self._step.cuda_devices = self._cuda_devices()
 
     def first_pass(self, passes: Passes, batch: Any, batch_idx: int, *, last: bool) -> torch.Tensor | None:
         """The first (or only) pass of one micro-batch, run through ``passes``."""
@@ -407,7 +411,7 @@ class StepEngine:
         stack = contextlib.ExitStack()
         if plan.two_pass:
             if self.same_random_draws:
-                micro_batch.random_state = RandomState.capture(self._cuda_devices())
+                micro_batch.random_state = RandomState.capture(step.cuda_devices)
             sync = last and self.sync_first_pass and not self.perturbation_reduces
             if self.batchnorm_update == "second":
                 stack.enter_context(frozen_running_stats(self.model))
@@ -447,7 +451,7 @@ class StepEngine:
         if step.plan.one_pass and step.plan.perturb:
             self.perturbation.restore()
         if last and step.plan.two_pass and self.same_random_draws:
-            step.random_state_after = RandomState.capture(self._cuda_devices())
+            step.random_state_after = RandomState.capture(step.cuda_devices)
         if last:
             self._estimate_once()
         self._current = None
