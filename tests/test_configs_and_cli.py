@@ -156,7 +156,8 @@ method:
 """)
     cli = cli_main(["-c", str(CONFIGS / "quickstart.yaml"), "-c", str(config), "--trainer.fast_dev_run=1",
                     f"--trainer.default_root_dir={tmp_path}"], run=False)
-    sam = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "NuSAM")
+    sam = the_method(cli)
+    assert type(sam).__name__ == "NuSAM"
     options, schedule = sam.perturbation_options, sam.schedule
     assert (sam.rho, options["power_iterations"], options["include"], schedule.start_epoch,
             schedule.every_n_steps) == (0.2, 2, ("*mlp*",), 1, 2)

@@ -73,5 +73,8 @@ def test_has_started():
 def test_bad_schedules_name_the_argument(options, argument):
     with pytest.raises(ValueError, match=f"`{argument}`"):
         Schedule(**options)
+
+
+def test_a_start_is_given_one_way():
     with pytest.raises(ValueError, match="either"):
         Schedule(rho=0.1, start_epoch=1, start_fraction=0.5)

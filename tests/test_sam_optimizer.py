@@ -30,19 +30,25 @@ def sgd(parameters) -> torch.optim.Optimizer:
     return torch.optim.SGD(parameters, lr=0.05, momentum=0.9)
 
 
+def run(model, optimizer, steps):
+    """The SAM-optimizer convention: first_step() after the first backward, second_step() after the second."""
+    for x, y in steps:
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.first_step(zero_grad=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.second_step(zero_grad=True)
+
+
 @pytest.mark.parametrize("style", ["first-second", "closure"])
 def test_the_same_weights_as_the_core_loop(style):
     expected = reference_loop(make_net(), lambda net: NuclearPerturbation(net, rho=0.3),
                               [[batch] for batch in batches()])
     net = make_net()
     optimizer = SAMOptimizer(NuclearPerturbation(net, rho=0.3), sgd(net.parameters()))
-    for x, y in batches():
-        if style == "first-second":
-            nn.functional.cross_entropy(net(x), y).backward()
-            optimizer.first_step(zero_grad=True)
-            nn.functional.cross_entropy(net(x), y).backward()
-            optimizer.second_step(zero_grad=True)
-        else:
+    if style == "first-second":
+        run(net, optimizer, batches())
+    else:
+        for x, y in batches():
             def closure(x=x, y=y):
                 optimizer.zero_grad()
                 loss = nn.functional.cross_entropy(net(x), y)
@@ -61,12 +67,8 @@ def test_with_l2_it_follows_pytorch_optimizers_sam_on_the_same_trajectory():
     ours, theirs = make_net(), make_net()
     optimizer = SAMOptimizer(L2Perturbation(ours, rho=0.05), sgd(ours.parameters()))
     peer = peer_sam(theirs.parameters(), torch.optim.SGD, rho=0.05, lr=0.05, momentum=0.9)
-    for x, y in batches() * 2:
-        for model, opt in ((ours, optimizer), (theirs, peer)):
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.first_step(zero_grad=True)
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.second_step(zero_grad=True)
+    run(ours, optimizer, batches() * 2)
+    run(theirs, peer, batches() * 2)
     deviation = max_weight_difference(ours, theirs)
     print(f"SAMOptimizer(L2Perturbation) vs pytorch_optimizer.SAM over 12 steps: {deviation:.2e}")
     assert deviation <= 1e-6
@@ -88,14 +90,6 @@ def test_a_scheduler_on_the_wrapper_moves_the_base_learning_rate():
     assert base.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
     optimizer.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "lr": 1.0})
     assert len(base.param_groups) == 2
-
-
-def run(model, optimizer, steps):
-    for x, y in steps:
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.first_step(zero_grad=True)
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.second_step(zero_grad=True)
 
 
 def test_save_and_load_in_the_middle_of_a_run_is_bit_identical():
