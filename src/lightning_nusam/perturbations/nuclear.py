@@ -236,9 +236,8 @@ class NuclearPerturbation(Perturbation):
     def _selection_changed(self, previous: dict[str, SelectedParameter]) -> None:
         """Group the selected matrices by shape, keeping the vectors of those selected before."""
         self.exact_restore = resolve_exact_restore(self._exact_option, self._selected)
-        kept = {name: (group.u[row], group.v[row], row in group.estimated_rows)
-                for group in self._groups for row, name in enumerate(m.name for m in group.members)
-                if name in previous}
+        kept = {item.name: (group.u[row], group.v[row], row in group.estimated_rows)
+                for group in self._groups for row, item in enumerate(group.members)}  # the previous groups
         self._groups = self._build_groups(self._selected, self._shardings, self.seed)
         for group in self._groups:
             for row, item in enumerate(group.members):
