@@ -378,13 +378,20 @@ def test_auto_batches_only_small_repeated_shapes():
 
 @pytest.fixture
 def one_replica():
-    """A data-parallel group of one process (gloo, in-memory store): ``perturb(replicas=...)`` on
-    it must give the ε of the single-process path."""
+    """A data-parallel group of this one process (gloo): ``perturb(replicas=...)`` on it must give
+    the ε of the single-process path. (A default group left by an earlier one-process fit is
+    reused; otherwise one with an in-memory store is made for the test.)"""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield dist.group.WORLD
-    dist.destroy_process_group()
+    made_default = not dist.is_initialized()
+    if made_default:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    assert dist.get_world_size() == 1
+    group = dist.new_group([0], backend="gloo")
+    yield group
+    dist.destroy_process_group(group)
+    if made_default:
+        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
