@@ -563,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         run_model(args.child, specs[args.child], args.methods, device, steps, warmup, repeats, args.rows)
         return 0
 
-    out = args.out
+    out = args.out.resolve()  # the children run in the repository's root
     out.mkdir(parents=True, exist_ok=True)
     isolate = device.type == "cuda" if args.isolate is None else args.isolate
     report: dict[str, Any] = {

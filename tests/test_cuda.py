@@ -56,12 +56,15 @@ def gpu_trainer(**kwargs):
     return trainer(accelerator="gpu", devices=1, **kwargs)
 
 
-def cuda_first_pass(model: nn.Module, seed: int) -> None:
-    """Clear the gradients, forward and backward on a fixed batch on the GPU (TinyViTLike input)."""
+def cuda_first_pass(model: nn.Module, seed: int, autocast: bool = False) -> None:
+    """Clear the gradients, forward (under bf16 autocast if asked) and backward on a fixed batch on
+    the GPU (TinyViTLike input)."""
     model.zero_grad(set_to_none=True)
     dtype = next(model.parameters()).dtype
     images, labels = make_batch(seed, dtype=dtype)
-    nn.functional.cross_entropy(model(images.to(CUDA)).float(), labels.to(CUDA)).backward()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        loss = nn.functional.cross_entropy(model(images.to(CUDA)).float(), labels.to(CUDA))
+    loss.backward()
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -293,8 +296,7 @@ def test_sync_check_perturb_and_restore_never_synchronise_with_the_host(method, 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
 
     def cycle(checked: bool) -> None:
-        with autocast:
-            cuda_first_pass(model, seed=0)
+        cuda_first_pass(model, seed=0, autocast=precision == "bf16-mixed")
         with autocast, host_sync_is_an_error() if checked else contextlib.nullcontext():
             if one_pass:
                 perturbation.estimate()
