@@ -538,7 +538,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
                         help="timed perturb+restore pairs (default 20; tiny 3)")
     parser.add_argument("--no-tier", action="store_true",
                         help="skip the CUDA tier (pytest tests/test_cuda.py)")
-    parser.add_argument("--tier-timeout-s", type=float, default=150.0)
+    parser.add_argument("--tier-timeout-s", type=float, default=180.0)
     parser.add_argument("--model-timeout-s", type=float, default=150.0)
     parser.add_argument("--budget-s", type=float, default=330.0,
                         help="models that would start after this many seconds are skipped "

@@ -8,8 +8,8 @@
   the run without the callback, bit for bit);
 - the peak CUDA memory of a νSAM step is AdamW's plus its vectors, SAM's is AdamW's plus a copy
   of the perturbed weights;
-- the drop-in trains a ``torch.compile``-d model as it trains the eager one;
-- perturb() and restore() do not synchronise with the host (``torch.cuda.set_sync_debug_mode``).
+- perturb() and restore() do not synchronise with the host (``torch.cuda.set_sync_debug_mode``);
+- the drop-in trains a ``torch.compile``-d model as it trains the eager one.
 """
 
 from __future__ import annotations
@@ -235,29 +235,9 @@ def test_peak_memory_nusam_is_adamw_plus_its_vectors_and_sam_adds_a_copy():
     assert sam >= adamw + perturbed - slack
 
 
-# 5. torch.compile ------------------------------------------------------------------------------
-def test_the_drop_in_trains_a_compiled_model_as_the_eager_one():
-    modules = {}
-    for compiled in (False, True):
-        torch.manual_seed(0)
-        net = make_net().to(CUDA)
-        module = PlainClassifier(net=torch.compile(net) if compiled else net)
-        callback = NuSAM(rho=0.3)
-        gpu_trainer(max_steps=6, callbacks=[callback]).fit(module, loader(classification_data()))
-        assert module.passes == ["first", "second"] * 6
-        assert callback.perturbation.steps == 6 and len(callback.perturbation.parameters) == 3
-        modules[compiled] = module
-    torch.manual_seed(0)
-    initial = make_net()
-    assert max_weight_difference(modules[True].net, initial.to(CUDA)) > 1e-3  # it trained
-    difference = max_weight_difference(modules[True].net, modules[False].net)
-    print(f"max |w_compiled - w_eager| after 6 steps: {difference:.2e}")
-    assert difference <= 1e-4
-
-
-# 6. no host synchronisation in perturb()/restore() --------------------------------------------
-# THE SYNC CHECK: this test states issue 29's requirement; it fails for a method until that
-# method's perturb()/restore() runs without host synchronisation (the failure names the line).
+# 5. no host synchronisation in perturb()/restore() --------------------------------------------
+# THE SYNC CHECK: DESIGN.md's GPU requirement, as a test. It fails for a method until that method's
+# perturb()/restore() runs without host synchronisation (the failure names the line that synchronised).
 SYNC_FREE: dict[str, Callable[[nn.Module], Perturbation]] = {
     "nusam": lambda model: NuclearPerturbation(model, rho=0.1),
     "nusam_batched": lambda model: NuclearPerturbation(model, rho=0.1, batched=True),
@@ -313,3 +293,23 @@ def test_sync_check_perturb_and_restore_never_synchronise_with_the_host(method, 
     assert perturbation.steps == 3
     if precision == "bf16-true" or method in ("sam", "asam", "samon"):  # exact restores
         assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+# 6. torch.compile (last: the slowest, it compiles for tens of seconds) ----------------------------
+def test_the_drop_in_trains_a_compiled_model_as_the_eager_one():
+    modules = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        net = make_net().to(CUDA)
+        module = PlainClassifier(net=torch.compile(net) if compiled else net)
+        callback = NuSAM(rho=0.3)
+        gpu_trainer(max_steps=6, callbacks=[callback]).fit(module, loader(classification_data()))
+        assert module.passes == ["first", "second"] * 6
+        assert callback.perturbation.steps == 6 and len(callback.perturbation.parameters) == 3
+        modules[compiled] = module
+    torch.manual_seed(0)
+    initial = make_net()
+    assert max_weight_difference(modules[True].net, initial.to(CUDA)) > 1e-3  # it trained
+    difference = max_weight_difference(modules[True].net, modules[False].net)
+    print(f"max |w_compiled - w_eager| after 6 steps: {difference:.2e}")
+    assert difference <= 1e-4
