@@ -145,7 +145,7 @@ def test_16_mixed_overflow_is_skipped_by_the_grad_scaler_and_counted():
 
 
 # 3. the same dropout masks in both passes --------------------------------------------------------
-def fit_dropout(callbacks: list[Callback], rho_steps: int = 4) -> tuple[PlainClassifier, list[torch.Tensor]]:
+def fit_dropout(callbacks: list[Callback], steps: int = 4) -> tuple[PlainClassifier, list[torch.Tensor]]:
     """A dropout model through the drop-in on the GPU; the dropout masks of every pass."""
     torch.manual_seed(0)
     module = PlainClassifier(net=make_net(dropout=0.5), optimizer="adamw", lr=0.01)
@@ -153,7 +153,7 @@ def fit_dropout(callbacks: list[Callback], rho_steps: int = 4) -> tuple[PlainCla
     dropout = module.net[2]
     assert isinstance(dropout, nn.Dropout)
     dropout.register_forward_hook(lambda layer, inputs, output: masks.append((output != 0).cpu()))
-    gpu_trainer(max_steps=rho_steps, callbacks=callbacks).fit(module, loader(classification_data()))
+    gpu_trainer(max_steps=steps, callbacks=callbacks).fit(module, loader(classification_data()))
     return module, masks
 
 
