@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test lint docs docs-check demo bench clean
+.PHONY: install test lint docs docs-check demo bench gpu-check clean
 
 # make bench BENCH_ARGS=--full   (or --accumulation, --cheaper-steps, --device cuda --precision bf16 ...)
 BENCH_ARGS ?=
@@ -43,6 +43,17 @@ demo: $(VENV)/.installed-demo
 
 bench: install
 	$(PY) benchmarks/memory_speed.py $(BENCH_ARGS)
+
+# On a machine with one GPU: the CUDA tier (tests/test_cuda.py) and the step benchmark, under 6
+# minutes on an H200, results in OUT. No virtualenv and no network: GPU_PYTHON needs torch,
+# lightning, timm, transformers and pytest (pytorch_optimizer for the peer SAM row, if present).
+# make gpu-check GPU_PYTHON=python3 OUT=/some/dir   (GPU_CHECK_ARGS=--tiny: tiny models, anywhere)
+GPU_PYTHON ?= python3
+OUT ?= benchmarks/results/gpu_check
+GPU_CHECK_ARGS ?=
+
+gpu-check:
+	PYTHONPATH="$(CURDIR)/src$${PYTHONPATH:+:$$PYTHONPATH}" $(GPU_PYTHON) benchmarks/gpu_check.py --out "$(OUT)" $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs lightning_logs .pytest_cache .ruff_cache build dist
