@@ -63,6 +63,7 @@ from lightning_nusam.perturbations import (
     NuclearPerturbation,
     Perturbation,
 )
+from lightning_nusam.radius_watch import RadiusWarning, RadiusWatch
 
 if TYPE_CHECKING:
     from lightning.pytorch.core.optimizer import LightningOptimizer
@@ -179,6 +180,7 @@ class SharpnessAwareCallback(Callback):
         self._own_pass = False  # a pass run by this callback (not by Lightning's closure) is running
         self._window_ends = False  # the current micro-batch is the last of its optimizer step
         self._lightning_ran_first_pass = False  # Lightning's closure ran this micro-batch's first pass
+        self._radius_watch = RadiusWatch()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -292,6 +294,7 @@ class SharpnessAwareCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         name = type(self).__name__
         self._perturbation = self.make_perturbation(pl_module)
+        self._radius_watch.reset()
         if self._pending_state is not None:
             self._load_perturbation_state(self._pending_state, trainer)
             self._pending_state = None
@@ -473,9 +476,22 @@ class SharpnessAwareCallback(Callback):
         if isinstance(loss, torch.Tensor) and self._lightning_ran_first_pass:
             engine.record_loss(loss.detach() * trainer.accumulate_grad_batches)
         if self._stepped:
-            log_step(pl_module, engine.end(trainer.global_step), self.perturbation)
+            self.report_step(pl_module, engine.end(trainer.global_step))
         elif self._window_ends:  # an optimizer_step override that did not step: nothing to replay
             engine.abandon()
+
+    def report_step(self, module: pl.LightningModule, result: StepResult) -> None:
+        """Log what a step did (:func:`log_step`) and watch its losses for a radius that keeps the
+        model from learning (:class:`~lightning_nusam.radius_watch.RadiusWatch`: warned once per fit,
+        with the figures, as a :class:`~lightning_nusam.radius_watch.RadiusWarning`)."""
+        log_step(module, result, self.perturbation)
+        if result.plan.one_pass and result.perturbed:  # no clean loss to compare with
+            return
+        two_pass = result.perturbed and result.plan.two_pass
+        message = self._radius_watch.observe(result.first_loss, result.second_loss if two_pass else None,
+                                             result.plan.rho if two_pass else None)
+        if message is not None:
+            rank_zero_warn(f"{type(self).__name__}: {message}", category=RadiusWarning)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
