@@ -43,7 +43,6 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_nusam import policy
-from lightning_nusam.checks import check_choice, check_count, check_flag
 from lightning_nusam.engine import (
     DEFAULT_RESYNC_EVERY,
     PLAIN_STEP,
@@ -54,6 +53,7 @@ from lightning_nusam.engine import (
     StepEngine,
     StepPlan,
     StepResult,
+    check_step_options,
 )
 from lightning_nusam.perturbations import (
     GaussianPerturbation,
@@ -151,13 +151,14 @@ class SharpnessAwareCallback(Callback):
         self.schedule = policy.Schedule(rho=rho, start_epoch=start_epoch, start_fraction=start_fraction,
                                         every_n_steps=every_n_steps, rho_schedule=rho_schedule,
                                         rho_final=rho_final, one_pass=one_pass)
-        self.sync_first_pass = check_flag("sync_first_pass", sync_first_pass)
-        self.first_pass_reduction = check_choice("first_pass_reduction", first_pass_reduction,
-                                                 ("auto", "gradients"))
-        self.resync_every = check_count("resync_every", resync_every, 0, whole_floats=True)
-        self.batchnorm_update = check_choice("batchnorm_update", batchnorm_update,
-                                             ("first", "second", "both"))
-        self.same_random_draws = check_flag("same_random_draws", same_random_draws)
+        options = check_step_options(
+            sync_first_pass=sync_first_pass, first_pass_reduction=first_pass_reduction,
+            batchnorm_update=batchnorm_update, same_random_draws=same_random_draws, resync_every=resync_every)
+        self.sync_first_pass = options["sync_first_pass"]
+        self.first_pass_reduction = options["first_pass_reduction"]
+        self.resync_every = options["resync_every"]
+        self.batchnorm_update = options["batchnorm_update"]
+        self.same_random_draws = options["same_random_draws"]
         if one_pass and not sync_first_pass:
             raise ValueError("`sync_first_pass` and `one_pass`: m-SAM (sync_first_pass=False) keeps the "
                              "first pass local, and a one-pass step has no first pass: drop one of them")
