@@ -24,7 +24,7 @@ import dataclasses
 import inspect
 import math
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -54,6 +54,7 @@ from lightning_nusam.engine import (
     StepPlan,
     StepResult,
     check_step_options,
+    optimizer_needs_closure,
 )
 from lightning_nusam.perturbations import (
     GaussianPerturbation,
@@ -64,9 +65,6 @@ from lightning_nusam.perturbations import (
     Perturbation,
 )
 from lightning_nusam.radius_watch import RadiusWarning, RadiusWatch
-
-if TYPE_CHECKING:
-    from lightning.pytorch.core.optimizer import LightningOptimizer
 
 #: Strategies that shard gradients: with gradient sync disabled they leave them empty (no m-SAM).
 SHARDED_STRATEGIES = (ModelParallelStrategy, FSDPStrategy, DeepSpeedStrategy)
@@ -689,14 +687,6 @@ def planned_optimizer_steps(trainer: pl.Trainer, accumulate_grad_batches: int = 
         return max_steps
     per_epoch = math.ceil(batches / accumulate_grad_batches)
     return min(per_epoch * max(trainer.max_epochs or 1, 1), max_steps)
-
-
-def optimizer_needs_closure(optimizer: torch.optim.Optimizer | LightningOptimizer) -> bool:
-    """Closure-driven optimizers (LBFGS) evaluate the loss several times per ``step``."""
-    if isinstance(optimizer, torch.optim.LBFGS):
-        return True
-    closure = inspect.signature(type(optimizer).step).parameters.get("closure")
-    return closure is not None and closure.default is inspect.Parameter.empty
 
 
 def sam_pass(module: pl.LightningModule) -> PassName | None:

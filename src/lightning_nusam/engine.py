@@ -38,6 +38,7 @@ runs), :meth:`~StepEngine.after_backward`, :meth:`~StepEngine.second_pass` and
 from __future__ import annotations
 
 import contextlib
+import inspect
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -88,6 +89,15 @@ def check_step_options(*, sync_first_pass: object = True, first_pass_reduction: 
         "same_random_draws": check_flag("same_random_draws", same_random_draws),
         "resync_every": check_count("resync_every", resync_every, 0, whole_floats=True),
     }
+
+
+def optimizer_needs_closure(optimizer: torch.optim.Optimizer) -> bool:
+    """Closure-driven optimizers (LBFGS) evaluate the loss several times per ``step``: no way in can
+    wrap them."""
+    if isinstance(optimizer, torch.optim.LBFGS):
+        return True
+    closure = inspect.signature(type(optimizer).step).parameters.get("closure")
+    return closure is not None and closure.default is inspect.Parameter.empty
 
 
 @dataclass(frozen=True)
