@@ -1,6 +1,8 @@
 """The step engine on its own (pure PyTorch): the whole step against the reference loop, and what
 the loss code sees (random draws, metrics, BatchNorm statistics, state_dict) as if it ran once."""
 
+import re
+
 import pytest
 import torch
 import torchmetrics
@@ -155,3 +157,30 @@ def test_random_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     RandomState.from_dict(torch.load(tmp_path / "rng.pt", weights_only=True)).restore()
     drawn = (torch.rand(2), np.random.rand(2), random.random())
     assert torch.equal(drawn[0], expected[0]) and (drawn[1] == expected[1]).all() and drawn[2] == expected[2]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"batchnorm_update": "firts"}, "`batchnorm_update` must be one of 'first', 'second', 'both'"),
+        ({"first_pass_reduction": "everything"}, "`first_pass_reduction` must be one of 'auto', 'gradients'"),
+        ({"resync_every": -5}, "resync_every"),
+        ({"same_random_draws": "yes"}, "same_random_draws"),
+    ],
+)
+def test_every_way_in_checks_the_step_options_as_the_callbacks_do(options: dict, message: str) -> None:
+    """The engine checks its options itself, so SAMOptimizer and the Fabric helpers refuse what the
+    callbacks refuse, with the same message."""
+    from lightning_nusam import NuSAM
+    from lightning_nusam.optim import SAMOptimizer
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+        NuSAM(**options)
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+        StepEngine(model, NuclearPerturbation(model), **options)
+    optimizer_options = {k: v for k, v in options.items() if k in ("batchnorm_update", "same_random_draws")}
+    if optimizer_options:
+        with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+            SAMOptimizer(NuclearPerturbation(model), torch.optim.SGD(model.parameters(), lr=0.1),
+                         **optimizer_options)

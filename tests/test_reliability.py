@@ -185,9 +185,12 @@ def test_test_and_validate_from_a_checkpoint_leave_the_rng_alone(tmp_path):
 
 
 # 7. the core imports without Lightning -------------------------------------------------------------
-def test_the_core_the_engine_and_the_policy_do_not_import_lightning():
-    code = ("import sys, lightning_nusam.perturbations, lightning_nusam.perturbations.nuclear, "
-            "lightning_nusam.engine, lightning_nusam.policy; "
+def test_the_core_the_engine_the_policy_and_the_sam_optimizer_do_not_import_lightning():
+    code = ("import sys, torch, lightning_nusam.perturbations, lightning_nusam.perturbations.nuclear, "
+            "lightning_nusam.engine, lightning_nusam.policy, lightning_nusam.optim; "
+            "model = torch.nn.Linear(4, 4); "
+            "lightning_nusam.optim.SAMOptimizer(lightning_nusam.perturbations.NuclearPerturbation(model), "
+            "torch.optim.SGD(model.parameters(), lr=0.1)); "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')); "
             "assert not bad, bad; import lightning_nusam; assert lightning_nusam.NuSAM.__name__ == 'NuSAM'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -24,7 +24,7 @@ import dataclasses
 import inspect
 import math
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -43,7 +43,6 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_nusam import policy
-from lightning_nusam.checks import check_choice, check_count, check_flag
 from lightning_nusam.engine import (
     DEFAULT_RESYNC_EVERY,
     PLAIN_STEP,
@@ -54,6 +53,8 @@ from lightning_nusam.engine import (
     StepEngine,
     StepPlan,
     StepResult,
+    check_step_options,
+    optimizer_needs_closure,
 )
 from lightning_nusam.perturbations import (
     GaussianPerturbation,
@@ -63,9 +64,7 @@ from lightning_nusam.perturbations import (
     NuclearPerturbation,
     Perturbation,
 )
-
-if TYPE_CHECKING:
-    from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning_nusam.radius_watch import RadiusWarning, RadiusWatch
 
 #: Strategies that shard gradients: with gradient sync disabled they leave them empty (no m-SAM).
 SHARDED_STRATEGIES = (ModelParallelStrategy, FSDPStrategy, DeepSpeedStrategy)
@@ -150,13 +149,14 @@ class SharpnessAwareCallback(Callback):
         self.schedule = policy.Schedule(rho=rho, start_epoch=start_epoch, start_fraction=start_fraction,
                                         every_n_steps=every_n_steps, rho_schedule=rho_schedule,
                                         rho_final=rho_final, one_pass=one_pass)
-        self.sync_first_pass = check_flag("sync_first_pass", sync_first_pass)
-        self.first_pass_reduction = check_choice("first_pass_reduction", first_pass_reduction,
-                                                 ("auto", "gradients"))
-        self.resync_every = check_count("resync_every", resync_every, 0, whole_floats=True)
-        self.batchnorm_update = check_choice("batchnorm_update", batchnorm_update,
-                                             ("first", "second", "both"))
-        self.same_random_draws = check_flag("same_random_draws", same_random_draws)
+        options = check_step_options(
+            sync_first_pass=sync_first_pass, first_pass_reduction=first_pass_reduction,
+            batchnorm_update=batchnorm_update, same_random_draws=same_random_draws, resync_every=resync_every)
+        self.sync_first_pass = options["sync_first_pass"]
+        self.first_pass_reduction = options["first_pass_reduction"]
+        self.resync_every = options["resync_every"]
+        self.batchnorm_update = options["batchnorm_update"]
+        self.same_random_draws = options["same_random_draws"]
         if one_pass and not sync_first_pass:
             raise ValueError("`sync_first_pass` and `one_pass`: m-SAM (sync_first_pass=False) keeps the "
                              "first pass local, and a one-pass step has no first pass: drop one of them")
@@ -179,6 +179,7 @@ class SharpnessAwareCallback(Callback):
         self._own_pass = False  # a pass run by this callback (not by Lightning's closure) is running
         self._window_ends = False  # the current micro-batch is the last of its optimizer step
         self._lightning_ran_first_pass = False  # Lightning's closure ran this micro-batch's first pass
+        self._radius_watch = RadiusWatch()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -292,6 +293,7 @@ class SharpnessAwareCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         name = type(self).__name__
         self._perturbation = self.make_perturbation(pl_module)
+        self._radius_watch.reset()
         if self._pending_state is not None:
             self._load_perturbation_state(self._pending_state, trainer)
             self._pending_state = None
@@ -473,9 +475,22 @@ class SharpnessAwareCallback(Callback):
         if isinstance(loss, torch.Tensor) and self._lightning_ran_first_pass:
             engine.record_loss(loss.detach() * trainer.accumulate_grad_batches)
         if self._stepped:
-            log_step(pl_module, engine.end(trainer.global_step), self.perturbation)
+            self.report_step(pl_module, engine.end(trainer.global_step))
         elif self._window_ends:  # an optimizer_step override that did not step: nothing to replay
             engine.abandon()
+
+    def report_step(self, module: pl.LightningModule, result: StepResult) -> None:
+        """Log what a step did (:func:`log_step`) and watch its losses for a radius that keeps the
+        model from learning (:class:`~lightning_nusam.radius_watch.RadiusWatch`: warned once per fit,
+        with the figures, as a :class:`~lightning_nusam.radius_watch.RadiusWarning`)."""
+        log_step(module, result, self.perturbation)
+        if result.plan.one_pass and result.perturbed:  # no clean loss to compare with
+            return
+        two_pass = result.perturbed and result.plan.two_pass
+        message = self._radius_watch.observe(result.first_loss, result.second_loss if two_pass else None,
+                                             result.plan.rho if two_pass else None)
+        if message is not None:
+            rank_zero_warn(f"{type(self).__name__}: {message}", category=RadiusWarning)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -672,14 +687,6 @@ def planned_optimizer_steps(trainer: pl.Trainer, accumulate_grad_batches: int = 
         return max_steps
     per_epoch = math.ceil(batches / accumulate_grad_batches)
     return min(per_epoch * max(trainer.max_epochs or 1, 1), max_steps)
-
-
-def optimizer_needs_closure(optimizer: torch.optim.Optimizer | LightningOptimizer) -> bool:
-    """Closure-driven optimizers (LBFGS) evaluate the loss several times per ``step``."""
-    if isinstance(optimizer, torch.optim.LBFGS):
-        return True
-    closure = inspect.signature(type(optimizer).step).parameters.get("closure")
-    return closure is not None and closure.default is inspect.Parameter.empty
 
 
 def sam_pass(module: pl.LightningModule) -> PassName | None:

@@ -38,6 +38,7 @@ runs), :meth:`~StepEngine.after_backward`, :meth:`~StepEngine.second_pass` and
 from __future__ import annotations
 
 import contextlib
+import inspect
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from lightning_nusam.checks import check_choice, check_count, check_flag
 
 if TYPE_CHECKING:
     from lightning_nusam.perturbations import Perturbation
@@ -63,6 +66,38 @@ FirstPassReduction = Literal["auto", "gradients"]
 #: Default interval (optimizer steps) at which m-SAM re-broadcasts rank 0's weights; see
 #: :meth:`StepEngine.end`.
 DEFAULT_RESYNC_EVERY = 100
+
+
+def check_step_options(*, sync_first_pass: object = True, first_pass_reduction: object = "auto",
+                       batchnorm_update: object = "first", same_random_draws: object = True,
+                       resync_every: object = DEFAULT_RESYNC_EVERY) -> dict[str, Any]:
+    """The step's options checked, as every way in takes them (the callbacks at construction, the
+    engine itself, so :class:`~lightning_nusam.optim.SAMOptimizer` and the Fabric helpers too):
+    ``ValueError``/``TypeError`` naming the option and what it takes.
+
+    Example:
+        >>> check_step_options(batchnorm_update="firts")
+        Traceback (most recent call last):
+        ...
+        ValueError: `batchnorm_update` must be one of 'first', 'second', 'both', got 'firts'
+    """
+    return {
+        "sync_first_pass": check_flag("sync_first_pass", sync_first_pass),
+        "first_pass_reduction": check_choice("first_pass_reduction", first_pass_reduction,
+                                             ("auto", "gradients")),
+        "batchnorm_update": check_choice("batchnorm_update", batchnorm_update, ("first", "second", "both")),
+        "same_random_draws": check_flag("same_random_draws", same_random_draws),
+        "resync_every": check_count("resync_every", resync_every, 0, whole_floats=True),
+    }
+
+
+def optimizer_needs_closure(optimizer: torch.optim.Optimizer) -> bool:
+    """Closure-driven optimizers (LBFGS) evaluate the loss several times per ``step``: no way in can
+    wrap them."""
+    if isinstance(optimizer, torch.optim.LBFGS):
+        return True
+    closure = inspect.signature(type(optimizer).step).parameters.get("closure")
+    return closure is not None and closure.default is inspect.Parameter.empty
 
 
 @dataclass(frozen=True)
@@ -312,14 +347,17 @@ class StepEngine:
         same_random_draws: bool = True,
         resync_every: int = DEFAULT_RESYNC_EVERY,
     ) -> None:
+        options = check_step_options(
+            sync_first_pass=sync_first_pass, first_pass_reduction=first_pass_reduction,
+            batchnorm_update=batchnorm_update, same_random_draws=same_random_draws, resync_every=resync_every)
         self.model = model
         self.perturbation = perturbation
-        self.sync_first_pass = sync_first_pass
-        self.first_pass_reduction = first_pass_reduction
+        self.sync_first_pass: bool = options["sync_first_pass"]
+        self.first_pass_reduction: FirstPassReduction = options["first_pass_reduction"]
         self.replicas = replicas
-        self.batchnorm_update = batchnorm_update
-        self.same_random_draws = same_random_draws
-        self.resync_every = resync_every
+        self.batchnorm_update: BatchNormUpdate = options["batchnorm_update"]
+        self.same_random_draws: bool = options["same_random_draws"]
+        self.resync_every: int = options["resync_every"]
         self.resyncs = 0
         #: the global step of the last m-SAM re-synchronisation (its period counts from there)
         self.last_resync_step = 0

@@ -21,7 +21,6 @@ from torch import nn
 from lightning_nusam.callbacks import (
     SharpnessAwareCallback,
     _no_sync,
-    log_step,
     planned_optimizer_steps,
     sam_pass,
 )
@@ -193,7 +192,7 @@ class SAMMixin:
         for key, value in extras.items():
             self.log(f"train/{key}", value, on_step=True, on_epoch=True)
         if callback is not None:
-            log_step(self, result, callback.perturbation)
+            callback.report_step(self, result)
         return loss
 
     def on_validation_model_zero_grad(self) -> None:

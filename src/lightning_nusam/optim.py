@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from lightning_nusam.engine import BatchNormUpdate, StepEngine, StepPlan
+from lightning_nusam.engine import BatchNormUpdate, StepEngine, StepPlan, optimizer_needs_closure
 from lightning_nusam.perturbations import Perturbation
 
 
@@ -92,8 +92,6 @@ class SAMOptimizer(torch.optim.Optimizer):
                             f"parameters, got {type(base_optimizer).__name__} (an instance, not the class)")
         if isinstance(base_optimizer, SAMOptimizer):
             raise TypeError("`base_optimizer` is already a SAMOptimizer: wrap the base optimizer once")
-        from lightning_nusam.callbacks import optimizer_needs_closure
-
         if optimizer_needs_closure(base_optimizer):
             raise ValueError(f"`base_optimizer` {type(base_optimizer).__name__} evaluates the loss several "
                              "times per step through a closure (LBFGS and the like); use a first-order "
