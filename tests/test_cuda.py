@@ -6,7 +6,7 @@
   unchanged, and the perturbation counts the skip;
 - both passes of a step draw the same dropout masks from the CUDA generator (``rho=0`` equals
   the run without the callback, bit for bit);
-- the peak CUDA memory of a νSAM step is AdamW's plus its vectors, SAM's is AdamW's plus a copy
+- the peak CUDA memory of a νSAM step is AdamW's plus its vectors, SAM's is νSAM's plus a copy
   of the perturbed weights;
 - perturb() and restore() do not synchronise with the host (``torch.cuda.set_sync_debug_mode``);
 - the drop-in trains a ``torch.compile``-d model as it trains the eager one.
@@ -232,7 +232,10 @@ def test_peak_memory_nusam_is_adamw_plus_its_vectors_and_sam_adds_a_copy():
           f"{copy_bytes / MiB:.1f} MiB); slack {slack / MiB:.2f} MiB")
     assert nusam <= adamw + vectors + slack
     assert perturbed >= LAYERS * WIDTH * WIDTH * 4  # SAM perturbs every weight
-    assert sam >= adamw + perturbed - slack
+    # The same two-pass step peaks where SAM's copy is alive (the second pass), which a one-pass
+    # AdamW step does not reach (measured on an H200: AdamW 578 MiB, νSAM 513, SAM 641): SAM's
+    # extra copy shows against νSAM's step, not against AdamW's.
+    assert sam >= nusam + perturbed - slack
 
 
 # 5. no host synchronisation in perturb()/restore() --------------------------------------------
@@ -308,8 +311,8 @@ def test_the_drop_in_trains_a_compiled_model_as_the_eager_one():
         assert callback.perturbation.steps == 6 and len(callback.perturbation.parameters) == 3
         modules[compiled] = module
     torch.manual_seed(0)
-    initial = make_net()
-    assert max_weight_difference(modules[True].net, initial.to(CUDA)) > 1e-3  # it trained
+    initial = make_net()  # on the CPU, where the Trainer's teardown leaves the fitted modules
+    assert max_weight_difference(modules[True].net, initial) > 1e-3  # it trained
     difference = max_weight_difference(modules[True].net, modules[False].net)
     print(f"max |w_compiled - w_eager| after 6 steps: {difference:.2e}")
     assert difference <= 1e-4
