@@ -4,6 +4,8 @@ and the doctests.
 - ``Example:`` sections hold doctests: they become griffe's ``Examples:`` section, which renders
   ``>>>`` lines as Python code (an ``Example:`` admonition would render them as prose).
 - Sphinx roles (``:class:`~a.b.C``` , ``:meth:`x```, ...) become inline code, as pdoc shows them.
+- A paragraph that ends in ``::`` (reStructuredText's "a code block follows") ends in ``:``; the
+  indented block after it is a Markdown code block already.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import griffe
 
 ROLE = re.compile(r":(?:class|func|meth|attr|mod|obj|data|exc):`(~?)([^`]+)`")
 EXAMPLE = re.compile(r"^(\s*)Example:\s*$", re.M)
+LITERAL = re.compile(r"(\S)::$", re.M)
 
 
 def _role(match: re.Match[str]) -> str:
@@ -24,7 +27,7 @@ def _role(match: re.Match[str]) -> str:
 
 def rewrite(text: str) -> str:
     """``rewrite(":class:`~a.B` and :meth:`c`")`` is ``"`B` and `c`"``."""
-    return EXAMPLE.sub(r"\1Examples:", ROLE.sub(_role, text))
+    return LITERAL.sub(r"\1:", EXAMPLE.sub(r"\1Examples:", ROLE.sub(_role, text)))
 
 
 class PdocDocstrings(griffe.Extension):
