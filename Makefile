@@ -28,12 +28,13 @@ install: $(VENV)/.installed
 lint: install
 	$(PY) -m ruff check src tests examples benchmarks docs
 
-# The API reference (docs/api) from the docstrings; fails on any pdoc warning.
+# The documentation site (site/) from docs/, the README's pages and the docstrings (mkdocs.yml);
+# --strict: a warning, a broken internal link or anchor fails the build.
 docs: install
-	$(PY) docs/build.py
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 docs-check: install
-	$(PY) docs/build.py --out "$$(mktemp -d)"
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir "$$(mktemp -d)"
 
 test: install lint docs-check
 	$(PY) -m pytest
@@ -56,4 +57,4 @@ gpu-check:
 	PYTHONPATH="$(CURDIR)/src$${PYTHONPATH:+:$$PYTHONPATH}" $(GPU_PYTHON) benchmarks/gpu_check.py --out "$(OUT)" $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf $(VENV) runs lightning_logs .pytest_cache .ruff_cache build dist
+	rm -rf $(VENV) runs lightning_logs .pytest_cache .ruff_cache build dist site

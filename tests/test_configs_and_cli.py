@@ -239,10 +239,11 @@ def test_nusam_help_lists_every_subcommand():
 
 # every documented command runs -----------------------------------------------------------------------
 def documented_commands() -> list[tuple[str, str]]:
-    """``(where, command)`` for every ``nusam ...`` command in the README (code blocks and inline
-    code), in the config headers and in the ``nusam configs`` descriptions, in that order."""
+    """``(where, command)`` for every ``nusam ...`` command in the README and the documentation
+    pages (code blocks and inline code), in the config headers and in the ``nusam configs``
+    descriptions, in that order."""
     found: list[tuple[str, str]] = []
-    readme = (ROOT / "README.md").read_text()
+    readme = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))])
     for block in re.findall(r"```bash\n(.*?)```", readme, re.S):
         for command in block.replace("\\\n", " ").splitlines():
             if command.strip().startswith("nusam "):

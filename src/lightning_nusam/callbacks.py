@@ -98,7 +98,7 @@ class SharpnessAwareCallback(Callback):
         rho_final: the end point of the ``"linear"``/``"cosine"`` schedules (default 0).
         one_pass: experimental, νSAM/νSAM-Norm/GaussSAM only: a perturbed step runs one
             forward/backward pass at ``w + ε_t`` with ``ε_t`` from the direction estimated on
-            the previous step's gradient (not the paper's algorithm; see the README).
+            the previous step's gradient (not the paper's algorithm; see the guide, "One pass per step").
         sync_first_pass: under DDP every rank applies the ε of the mean first-pass gradient
             (Algorithm 3, default); ``False`` gives m-SAM (each rank perturbs with its own
             gradient; the second pass is always all-reduced).
