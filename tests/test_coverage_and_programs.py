@@ -34,6 +34,7 @@ from lightning_nusam.optim import SAMOptimizer
 from lightning_nusam.perturbations import L2Perturbation, NuclearPerturbation
 
 CE = nn.functional.cross_entropy
+CONVERGED = 30  # power iterations: the top singular pair to fp32 rounding, whatever the start vector
 
 
 def probe_net() -> nn.Module:
@@ -81,10 +82,11 @@ def pytorch_optimizer_sam(rho: float) -> nn.Module:
 
 
 def nusam_on_the_head(rho: float) -> nn.Module:
-    """The hand-written νSAM loop with the optimized matrix as the only perturbed one."""
+    """The hand-written νSAM loop with the optimized matrix as the only perturbed one (power
+    iterations enough to reach the top singular pair whatever the start vector)."""
     net = probe_net()
     optimizer = torch.optim.SGD(net["head"].parameters(), lr=0.05, momentum=0.9)
-    perturbation = NuclearPerturbation(net, rho=rho, include="head.weight")
+    perturbation = NuclearPerturbation(net, rho=rho, power_iterations=CONVERGED, include="head.weight")
     for inputs, labels in micro_batches(classification_data()):
         net.zero_grad(set_to_none=True)
         CE(forward(net, inputs), labels).backward()
@@ -100,7 +102,7 @@ def nusam_on_the_head(rho: float) -> nn.Module:
 @pytest.mark.parametrize("method", ["SAM", "NuSAM"])
 def test_a_subset_optimizer_is_what_the_perturbation_covers(way, method):
     module = LinearProbe() if way == "dropin" else MixinLinearProbe()
-    sam = SAM(rho=0.5) if method == "SAM" else NuSAM(rho=0.5)
+    sam = SAM(rho=0.5) if method == "SAM" else NuSAM(rho=0.5, power_iterations=CONVERGED)
     trainer(callbacks=[sam]).fit(module, loader(classification_data()))
     reference = pytorch_optimizer_sam(0.5) if method == "SAM" else nusam_on_the_head(0.5)
     assert max_weight_difference(module.net, reference) <= 1e-6
@@ -133,6 +135,22 @@ def test_first_step_of_a_sam_optimizer_perturbs_its_own_groups():
         optimizer.first_step(zero_grad=True)
         CE(forward(net, inputs), labels).backward()
         optimizer.second_step(zero_grad=True)
+    assert max_weight_difference(net, pytorch_optimizer_sam(0.5)) <= 1e-6
+
+
+def test_a_fabric_loop_perturbs_the_parameters_of_its_optimizer():
+    from lightning.fabric import Fabric
+
+    from lightning_nusam.fabric import fabric_engine, fabric_passes
+
+    fabric = Fabric(accelerator="cpu", devices=1)
+    net = probe_net()
+    model, optimizer = fabric.setup(net, torch.optim.SGD(net["head"].parameters(), lr=0.05, momentum=0.9))
+    engine = fabric_engine(fabric, model, L2Perturbation(model, rho=0.5))
+    # (the loss through `net`, the module Fabric set up: its wrapper is not subscriptable)
+    passes = fabric_passes(fabric, model, lambda batch, _: CE(forward(net, batch[0]), batch[1]))
+    for index, batch in enumerate(micro_batches(classification_data())):
+        engine.step(passes, [(batch, index)], optimizer)
     assert max_weight_difference(net, pytorch_optimizer_sam(0.5)) <= 1e-6
 
 
@@ -202,15 +220,15 @@ class Lazy(L.LightningModule):
         self.net = nn.Sequential(nn.LazyLinear(16), nn.Tanh(), nn.LazyLinear(3))
         if example:
             self.example_input_array = torch.zeros(2, 6)
-        self.initial: nn.Module | None = None
+        self.initial: list[nn.Module] = []  # (a list: not a submodule of this module)
 
     def forward(self, inputs):
         return self.net(inputs)
 
     def training_step(self, batch, batch_idx):
         logits = self.net(batch[0])
-        if self.initial is None:  # the first pass of the first step: the weights w
-            self.initial = copy.deepcopy(self.net)
+        if not self.initial:  # the first pass of the first step: the weights w
+            self.initial.append(copy.deepcopy(self.net))
         return CE(logits, batch[1])
 
     def configure_optimizers(self):
@@ -235,15 +253,16 @@ def nusam_loop(net: nn.Module, rho: float, batches, lr: float = 0.05) -> nn.Modu
 def test_lazy_modules_are_selected_once_initialised(example):
     module, sam = Lazy(example), NuSAM(rho=0.5)
     trainer(callbacks=[sam], enable_model_summary=example).fit(module, loader(classification_data()))
-    reference = nusam_loop(module.initial, 0.5, micro_batches(classification_data()))
+    reference = nusam_loop(module.initial[0], 0.5, micro_batches(classification_data()))
     assert max_weight_difference(module.net, reference) <= 1e-6
     assert sam.perturbation.parameter_names == ["net.0.weight", "net.2.weight"]
     assert sam.perturbation.steps == 6
 
 
 def test_lazy_modules_with_rho_zero_train_as_without_the_callback():
-    plain, zero = Lazy(), Lazy()
+    plain = Lazy()  # (initialised from the global stream at the first forward: built just before)
     trainer().fit(plain, loader(classification_data()))
+    zero = Lazy()
     trainer(callbacks=[NuSAM(rho=0.0)]).fit(zero, loader(classification_data()))
     assert max_weight_difference(plain.net, zero.net) == 0.0
 
@@ -350,3 +369,62 @@ def clip_by_value(parameters):
 
 def clip_by_norm(parameters):
     torch.nn.utils.clip_grad_norm_(parameters, 0.02)
+
+
+# 7. DDP options users turn on (2 gloo processes against one process on the joined batch) ---------
+DDP_STEPS = 6
+STATIC = ["method=NuSAM", "method=NuSAM,rho=0", "method=none", "method=SAMON", "method=GaussSAM"]
+UNUSED = [f"ddp=unused,method={m}" for m in ("GaussSAM", "NuSAM", "NuSAMNorm", "SAMON", "SAM")]
+REFUSED = ["method=NuSAM,msam=1"]  # last: the fit stops there
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory) -> dict[str, list[dict]]:
+    """All DDP modes in one two-process job: {mode: [rank 0's record, rank 1's]}."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import subprocess_env
+
+    here, out = Path(__file__).resolve().parent, tmp_path_factory.mktemp("ddp_options")
+    modes = STATIC + UNUSED + REFUSED
+    result = subprocess.run([sys.executable, str(here / "coverage_ddp_script.py"), str(out), str(DDP_STEPS),
+                             *modes], env=subprocess_env(str(here)), capture_output=True, text=True,
+                            timeout=900, cwd=out)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return {mode: [torch.load(out / f"{mode}_rank{r}.pt", weights_only=False) for r in range(2)]
+            for mode in modes}
+
+
+def one_process(mode: str) -> list[list[torch.Tensor]]:
+    """The run of ``mode`` in one process with the joined batch of 8."""
+    from coverage_ddp_script import Weights, make_callback, module_for, parse
+
+    options, weights = parse(mode), Weights()
+    sam = make_callback(options)
+    trainer(max_steps=DDP_STEPS, callbacks=[cb for cb in (sam, weights) if cb is not None]).fit(
+        module_for(options), loader(classification_data(), 8))
+    return weights.weights
+
+
+@pytest.mark.parametrize("mode", STATIC + UNUSED)
+def test_ddp_static_graph_and_unused_parameters_equal_one_process_on_the_joined_batch(ddp_runs, mode):
+    rank0, rank1 = ddp_runs[mode]
+    assert rank0["error"] is None and len(rank0["weights"]) == DDP_STEPS
+    reference = one_process(mode)
+    for step in range(DDP_STEPS):
+        assert max_weight_difference(rank0["weights"][step], rank1["weights"][step]) == 0.0
+        assert max_weight_difference(rank0["weights"][step], reference[step]) <= 1e-5, step
+
+
+def test_rho_zero_is_a_no_op_under_a_static_graph(ddp_runs):
+    for rank in (0, 1):
+        for zero, plain in zip(ddp_runs["method=NuSAM,rho=0"][rank]["weights"],
+                               ddp_runs["method=none"][rank]["weights"], strict=True):
+            assert max_weight_difference(zero, plain) == 0.0
+
+
+def test_m_sam_under_a_static_graph_is_refused_before_the_first_step(ddp_runs):
+    for record in ddp_runs["method=NuSAM,msam=1"]:
+        assert "static_graph" in record["error"] and record["weights"] == []
