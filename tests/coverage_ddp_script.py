@@ -27,7 +27,7 @@ def parse(mode: str) -> dict[str, str]:
 
 
 class Branchy(PlainClassifier):
-    """The tests' net and a branch that only samples with ``x₀ > 0.8`` take: in some steps one
+    """The tests' net and a branch that only samples with ``x₀ > 1`` take: in some steps one
     rank uses it and the other not, in others no rank does (DDP needs find_unused_parameters)."""
 
     def __init__(self):
@@ -37,7 +37,7 @@ class Branchy(PlainClassifier):
     def training_step(self, batch, batch_idx):
         inputs, labels = batch
         logits = self.net(inputs)
-        takes = inputs[:, 0] > 0.8
+        takes = inputs[:, 0] > 1.0
         if bool(takes.any()):  # the branch's output added to the samples that take it
             rows = takes.nonzero()[:, 0]
             logits = logits + torch.zeros_like(logits).index_put((rows,), self.branch(inputs[rows]))
