@@ -428,3 +428,47 @@ def test_rho_zero_is_a_no_op_under_a_static_graph(ddp_runs):
 def test_m_sam_under_a_static_graph_is_refused_before_the_first_step(ddp_runs):
     for record in ddp_runs["method=NuSAM,msam=1"]:
         assert "static_graph" in record["error"] and record["weights"] == []
+
+
+# 8. rho=0 and a radius below the weights' rounding change nothing, in every program above --------
+class WeightNormed(PlainClassifier):
+    def __init__(self):
+        torch.manual_seed(0)
+        normed = nn.utils.parametrizations.weight_norm(nn.Linear(6, 16))
+        super().__init__(net=nn.Sequential(normed, nn.Tanh(), nn.Linear(16, 3)))
+
+
+PROGRAMS = {
+    "linear-probe": (LinearProbe, {}),
+    "no-batch-idx": (NoBatchIndex, {}),
+    "lazy": (Lazy, {}),
+    "configure-model": (BuiltInConfigureModel, {}),
+    "weight-norm": (WeightNormed, {}),
+    "replaced-optimizer": (PlainClassifier, {"max_epochs": 2, "callbacks": [ReplaceOptimizer()]}),
+}
+
+
+@pytest.mark.parametrize("rho", [0.0, 1e-12])
+@pytest.mark.parametrize("method", [NuSAM, SAM])
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_no_radius_is_a_no_op_in_these_programs(program, method, rho):
+    def state(callbacks):
+        make, options = PROGRAMS[program]
+        module = make()  # built just before its fit (lazy layers draw from the global stream)
+        options = {**options, "callbacks": options.get("callbacks", []) + callbacks}
+        trainer(**options).fit(module, loader(classification_data()))
+        return module.state_dict()
+
+    plain, sam = state([]), state([method(rho=rho)])
+    assert plain.keys() == sam.keys()
+    assert all(torch.equal(plain[key], sam[key]) for key in plain)
+
+
+@pytest.mark.parametrize("rho", [0.0, 1e-12])
+def test_a_sam_optimizer_without_a_radius_under_clipping_by_value_is_its_base_optimizer(rho):
+    plain, sam = PlainClassifier(), WithSAMOptimizer()
+    sam.rho = rho
+    for module in (plain, sam):
+        trainer(gradient_clip_val=0.02, gradient_clip_algorithm="value").fit(
+            module, loader(classification_data()))
+    assert max_weight_difference(plain.net, sam.net) == 0.0
