@@ -62,6 +62,9 @@ class SAMOptimizer(torch.optim.Optimizer):
     ``step(closure)``. ``step()`` without a closure is :meth:`second_step` (what a ``GradScaler``
     calls). ``step(closure)`` starts and ends with cleared gradients; gradients found when it
     starts (micro-batches accumulated before it, which its second pass cannot replay) are reported.
+    What is perturbed is what the base optimizer updates (its groups' parameters that require
+    grad). A closure that clips the gradients through the optimizer's groups (Lightning's
+    ``gradient_clip_val``) clips only the second pass's: ε comes from the unclipped gradient.
 
     Example:
         >>> from torch import nn
