@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from helpers import (
+    Classifier,
     PlainClassifier,
     classification_data,
     loader,
@@ -192,6 +193,30 @@ def test_an_optimizer_replaced_during_fit_is_followed(rho):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     assert max_weight_difference(module.net, net) <= 1e-6
+
+
+class MixinReplaced(Classifier):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def test_an_optimizer_replaced_during_fit_is_followed_by_the_mixin():
+    module, sam = MixinReplaced(), NuSAM(rho=0.5)
+    trainer(max_epochs=2, callbacks=[ReplaceOptimizer(), sam]).fit(module, loader(classification_data(n=64)))
+    assert sam.perturbation.steps == 16
+    reference = make_net()
+    perturbation = NuclearPerturbation(reference, rho=0.5)
+    for lr in (0.05, 0.01):
+        optimizer = torch.optim.SGD(reference.parameters(), lr=lr, momentum=0.9)
+        for inputs, labels in micro_batches(classification_data(n=64)):
+            CE(reference(inputs), labels).backward()
+            perturbation.perturb()
+            reference.zero_grad(set_to_none=True)
+            CE(reference(inputs), labels).backward()
+            perturbation.restore()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    assert max_weight_difference(module.net, reference) <= 1e-6
 
 
 # 3. training_step without batch_idx --------------------------------------------------------------
@@ -373,7 +398,8 @@ def clip_by_norm(parameters):
 
 # 7. DDP options users turn on (2 gloo processes against one process on the joined batch) ---------
 DDP_STEPS = 6
-STATIC = ["method=NuSAM", "method=NuSAM,rho=0", "method=none", "method=SAMON", "method=GaussSAM"]
+STATIC = [f"method={m}" for m in ("NuSAM", "NuSAMNorm", "SAM", "SAMON", "GaussSAM")] + [
+    "method=NuSAM,rho=0", "method=none"]
 UNUSED = [f"ddp=unused,method={m}" for m in ("GaussSAM", "NuSAM", "NuSAMNorm", "SAMON", "SAM")]
 REFUSED = ["method=NuSAM,msam=1"]  # last: the fit stops there
 
