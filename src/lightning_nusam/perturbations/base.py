@@ -100,6 +100,7 @@ class Perturbation(abc.ABC):
         self._selected: list[SelectedParameter] = []
         #: ``id`` of the parameters the perturbation is restricted to (see :meth:`restrict_to`)
         self._restriction: frozenset[int] | None = None
+        self._restriction_key: tuple[int, ...] | None = None  # their ids in the optimizer's order
         self._lazy: list[nn.Parameter] = []  # lazy parameters not initialised at the last selection
         self._shardings: list[RowSharding | None] = []
         self._layout: list[tuple[nn.Parameter, torch.dtype, torch.Size, torch.device]] = []
@@ -168,13 +169,14 @@ class Perturbation(abc.ABC):
             >>> sam.parameter_names
             ['2.weight', '2.bias']
         """
-        restriction = None if parameters is None else frozenset(id(p) for p in parameters)
-        if restriction == self._restriction:
+        key = None if parameters is None else tuple(map(id, parameters))
+        if key == self._restriction_key:  # the optimizer of the last call, unchanged
             return
         if self._is_perturbed:
             raise RuntimeError(f"{type(self).__name__}.restrict_to() while ε is applied: "
                                "call restore() first")
-        self._restriction = restriction
+        self._restriction_key = key
+        restriction = self._restriction = None if key is None else frozenset(key)
         if restriction is not None and self._selected and not any(
                 id(item.parameter) in restriction for item in self._selected):
             warnings.warn(f"{type(self).__name__}: the optimizer updates none of the {len(self._selected)} "
