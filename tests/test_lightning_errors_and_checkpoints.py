@@ -49,7 +49,7 @@ def test_trainer_gradient_clipping_is_rejected_in_favour_of_the_mixin_option():
         Classifier(gradient_clip_algorithm="max")
 
 
-def test_nothing_to_perturb_fails_at_setup():
+def test_nothing_to_perturb_fails_before_the_first_step():
     module = Classifier(net=nn.Sequential(nn.Flatten(), nn.LayerNorm(6)))
     with pytest.raises(ValueError, match="no parameters to perturb"):
         fit(module, [NuSAM(rho=0.1)])

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import inspect
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -38,7 +39,7 @@ from lightning.pytorch.strategies import (
     ParallelStrategy,
 )
 from lightning.pytorch.trainer.call import _call_strategy_hook
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -55,6 +56,7 @@ from lightning_nusam.engine import (
     StepResult,
     check_step_options,
     optimizer_needs_closure,
+    optimizer_parameters,
 )
 from lightning_nusam.perturbations import (
     GaussianPerturbation,
@@ -175,6 +177,7 @@ class SharpnessAwareCallback(Callback):
         self._drop_in = False  # this callback drives the step (an automatic-optimization module)
         self._inert = False  # nothing to do in this fit (no optimizer)
         self._hook_handle: Any = None
+        self._optimizer: torch.optim.Optimizer | None = None  # Lightning's, hooked by the drop-in
         self._stepped = False  # the optimizer stepped during the current micro-batch
         self._own_pass = False  # a pass run by this callback (not by Lightning's closure) is running
         self._window_ends = False  # the current micro-batch is the last of its optimizer step
@@ -253,10 +256,10 @@ class SharpnessAwareCallback(Callback):
                 f"`sync_first_pass=False` (m-SAM) is not possible under {type(trainer.strategy).__name__}: "
                 "with gradient sync disabled a sharded strategy leaves the gradients empty; use DDP for m-SAM"
             )
-        # Built here so that a model with nothing to perturb fails before training starts;
-        # rebuilt in on_fit_start, once the strategy has moved (or sharded) the parameters.
-        self._perturbation = self.make_perturbation(pl_module)
-        if self.schedule.one_pass and not self._perturbation.supports_one_pass:
+        # The perturbation is built in on_fit_start, after configure_model built the layers and
+        # the strategy moved (or sharded) them, still before the first step.
+        self._perturbation = None
+        if self.schedule.one_pass and not self.perturbation_class.supports_one_pass:
             raise ValueError(
                 f"`one_pass=True` is not available for {name}: its direction is the whole gradient, "
                 "which would have to be kept between steps (a copy of the weights); use NuSAM, "
@@ -291,18 +294,73 @@ class SharpnessAwareCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        name = type(self).__name__
         self._perturbation = self.make_perturbation(pl_module)
         self._radius_watch.reset()
         if self._pending_state is not None:
             self._load_perturbation_state(self._pending_state, trainer)
             self._pending_state = None
+        self._engine = StepEngine(pl_module, self._perturbation, sync_first_pass=self.sync_first_pass,
+                                  first_pass_reduction=self._first_pass_reduction(trainer),
+                                  replicas=data_parallel_group(trainer),
+                                  batchnorm_update=self.batchnorm_update,
+                                  same_random_draws=self.same_random_draws, resync_every=self.resync_every)
+        self._engine.resyncs, self._trainer = self._restored_resyncs, trainer
+        self._engine.last_resync_step = self._restored_last_resync
+        self._optimizer = None
+        self._take_optimizer(trainer, pl_module)
+
+    def _first_pass_reduction(self, trainer: pl.Trainer) -> FirstPassReduction:
+        """The option, except for two DDP settings, where the first pass all-reduces the gradient
+        (``"gradients"``):
+
+        - ``static_graph=True``: its reducer expects every backward to all-reduce, so a first pass
+          that communicates only what the perturbation reads (a backward without the all-reduce,
+          then one with it) is not possible there (and m-SAM is refused);
+        - ``find_unused_parameters=True`` for a method whose ε does not read the gradient
+          (GaussSAM): which parameters get noise depends on which ones have a gradient on any
+          rank, which only the all-reduce tells (a parameter no rank used keeps none).
+        """
+        model = trainer.strategy.model if isinstance(trainer.strategy, DDPStrategy) else None
+        name = type(self).__name__
+        static = getattr(model, "static_graph", False)
+        unused = (getattr(model, "find_unused_parameters", False)
+                  and self.perturbation_class.replica_reduction == "nothing")
+        if static and not self.sync_first_pass:
+            raise ValueError(f"{name}(sync_first_pass=False) (m-SAM) keeps the first pass's gradient "
+                             "local, which DDP's static_graph=True does not allow (its reducer expects every "
+                             "backward to all-reduce): drop static_graph=True from DDPStrategy, or use "
+                             "sync_first_pass=True")
+        if self.first_pass_reduction == "gradients" or not (static or unused):
+            return self.first_pass_reduction
+        if data_parallel_group(trainer) is not None:
+            why = ("DDPStrategy(static_graph=True) all-reduces every backward" if static else
+                   "with find_unused_parameters=True, the noise covers the parameters some rank used")
+            rank_zero_info(f"{name}: {why}, so the first pass all-reduces the gradient "
+                           "(first_pass_reduction='gradients')")
+        return "gradients"
+        if not getattr(model, "static_graph", False):
+            return self.first_pass_reduction
+        if not self.sync_first_pass:
+            raise ValueError(f"{name}(sync_first_pass=False) (m-SAM) keeps the first pass's gradient "
+                             "local, which DDP's static_graph=True does not allow (its reducer expects every "
+                             "backward to all-reduce): drop static_graph=True from DDPStrategy, or use "
+                             "sync_first_pass=True")
+        if self.first_pass_reduction == "auto" and data_parallel_group(trainer) is not None:
+            rank_zero_info(f"{name}: DDPStrategy(static_graph=True) all-reduces every backward, so the first "
+                           "pass all-reduces the gradient (first_pass_reduction='gradients')")
+        return "gradients"
+
+    def _take_optimizer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Check Lightning's optimizer and hook the drop-in's step into it; the perturbation covers
+        what it updates. At the start of fit, and again when a new one was installed during fit
+        (a fine-tuning schedule calling ``trainer.strategy.setup_optimizers``)."""
+        name = type(self).__name__
         if len(trainer.optimizers) != 1:
             raise ValueError(f"{name} needs exactly one optimizer; configure_optimizers returned "
                              f"{len(trainer.optimizers)}")
-        optimizer = trainer.optimizers[0]
+        optimizer = self._optimizer = trainer.optimizers[0]
         own = {id(p) for p in pl_module.parameters()}
-        self._inert = not any(id(p) in own for group in optimizer.param_groups for p in group["params"])
+        self._inert = not any(id(p) in own for p in optimizer_parameters(optimizer))
         if self._inert:  # Lightning's no-optimizer mode (configure_optimizers returned None)
             rank_zero_warn(f"{name}: there is no optimizer of {type(pl_module).__name__}'s parameters "
                            "(configure_optimizers returned None?), so this fit takes no steps and "
@@ -313,19 +371,14 @@ class SharpnessAwareCallback(Callback):
                 "per step through a closure (LBFGS and the like). Use a first-order optimizer "
                 "(SGD, AdamW, ...)"
             )
-        self._engine = StepEngine(pl_module, self._perturbation, sync_first_pass=self.sync_first_pass,
-                                  first_pass_reduction=self.first_pass_reduction,
-                                  replicas=data_parallel_group(trainer),
-                                  batchnorm_update=self.batchnorm_update,
-                                  same_random_draws=self.same_random_draws, resync_every=self.resync_every)
-        self._engine.resyncs, self._trainer = self._restored_resyncs, trainer
-        self._engine.last_resync_step = self._restored_last_resync
         from lightning_nusam.optim import SAMOptimizer
 
         if isinstance(optimizer, SAMOptimizer):
             raise ValueError(f"{name} and a SAMOptimizer would each run a sharpness-aware step (four "
                              "passes): return the base optimizer from configure_optimizers and keep the "
                              "callback, or drop the callback and keep SAMOptimizer")
+        if not self._inert:
+            self.perturbation.restrict_to(optimizer_parameters(optimizer))
         self._remove_hook()
         if self._drop_in and not self._inert:
             self._hook_handle = optimizer.register_step_pre_hook(self._before_optimizer_step)
@@ -395,13 +448,17 @@ class SharpnessAwareCallback(Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if not self._drop_in or self._inert:
+        if not self._drop_in:
+            return
+        engine = self.engine
+        if not engine.in_step and trainer.optimizers[:1] != [self._optimizer]:
+            self._take_optimizer(trainer, pl_module)  # replaced during fit
+        if self._inert:
             return
         accumulate = trainer.accumulate_grad_batches  # read each time: GradientAccumulationScheduler
         last = (batch_idx + 1) % accumulate == 0 or trainer.is_last_batch
-        engine = self.engine
         if not engine.in_step:
-            engine.begin(self.plan(trainer))
+            engine.begin(self.plan(trainer), self._optimizer)
         self._stepped = self._lightning_ran_first_pass = False
         self._window_ends = last
         engine.open_first_pass(batch, batch_idx, last=last, no_sync=_no_sync(trainer.strategy))
@@ -591,7 +648,9 @@ class _LightningPasses:
         try:
             # as Lightning's own closure calls it: under training_step's name (self.log keeps one
             # series) and its profiler section; we are inside optimizer.step here
-            output = _call_strategy_hook(self.trainer, "training_step", batch, batch_idx)
+            # with the arguments Lightning passes (batch_idx only when training_step takes it)
+            arguments = self.trainer.fit_loop.epoch_loop._build_kwargs(OrderedDict(), batch, batch_idx)
+            output = _call_strategy_hook(self.trainer, "training_step", *arguments.values())
             loss = output.get("loss") if isinstance(output, Mapping) else output
             if loss is None:
                 return None

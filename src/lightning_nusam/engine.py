@@ -215,6 +215,11 @@ class RandomState:
         return cls(state["cpu"], cuda, numpy_state, python)
 
 
+def optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The parameters in ``optimizer``'s groups: what it updates."""
+    return [parameter for group in optimizer.param_groups for parameter in group["params"]]
+
+
 @contextlib.contextmanager
 def frozen_running_stats(module: nn.Module) -> Iterator[None]:
     """Run BatchNorm layers on batch statistics without updating their running statistics.
@@ -391,7 +396,7 @@ class StepEngine:
         if plan is None:
             plan = StepPlan(True, self.perturbation.rho) if self.perturbation is not None else PLAIN_STEP
         optimizer.zero_grad(set_to_none=True)
-        self.begin(plan)
+        self.begin(plan, optimizer)
         try:
             for position, (batch, batch_idx) in enumerate(micro_batches):
                 self.first_pass(passes, batch, batch_idx, last=position == len(micro_batches) - 1)
@@ -418,10 +423,14 @@ class StepEngine:
         """``(batch, batch_idx)`` of the micro-batches kept for the second pass."""
         return [(m.batch, m.batch_idx) for m in self._step.micro_batches] if self._step else []
 
-    def begin(self, plan: StepPlan) -> None:
-        """Open a step with its plan."""
+    def begin(self, plan: StepPlan, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Open a step with its plan. With the ``optimizer`` that will step, the perturbation
+        covers what it updates (:meth:`~lightning_nusam.perturbations.Perturbation.restrict_to`
+        its parameters; an optimizer replaced or given new groups is followed)."""
         if plan.perturb and self.perturbation is None:
             raise ValueError("a perturbing plan needs a perturbation")
+        if optimizer is not None and self.perturbation is not None:
+            self.perturbation.restrict_to(optimizer_parameters(optimizer))
         self._step = _Step(plan)
         if plan.two_pass and self.same_random_draws:
             self._step.cuda_devices = self._cuda_devices()

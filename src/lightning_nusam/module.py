@@ -174,7 +174,7 @@ class SAMMixin:
         engine = callback.engine if callback is not None else self._engine_without_callback()
         last = (batch_idx + 1) % self.accumulate_grad_batches == 0 or trainer.is_last_batch
         if not engine.in_step:
-            engine.begin(callback.plan(trainer) if callback is not None else PLAIN_STEP)
+            engine.begin(callback.plan(trainer) if callback is not None else PLAIN_STEP, optimizer)
         passes = _MixinPasses(self)
         loss = engine.first_pass(passes, batch, batch_idx, last=last)
         extras = passes.extras

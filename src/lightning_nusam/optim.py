@@ -32,12 +32,18 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 
-from lightning_nusam.engine import BatchNormUpdate, StepEngine, StepPlan, optimizer_needs_closure
+from lightning_nusam.engine import (
+    BatchNormUpdate,
+    StepEngine,
+    StepPlan,
+    optimizer_needs_closure,
+    optimizer_parameters,
+)
 from lightning_nusam.perturbations import Perturbation
 
 
@@ -62,6 +68,9 @@ class SAMOptimizer(torch.optim.Optimizer):
     ``step(closure)``. ``step()`` without a closure is :meth:`second_step` (what a ``GradScaler``
     calls). ``step(closure)`` starts and ends with cleared gradients; gradients found when it
     starts (micro-batches accumulated before it, which its second pass cannot replay) are reported.
+    What is perturbed is what the base optimizer updates (its groups' parameters that require
+    grad). A closure that clips the gradients through the optimizer's groups (Lightning's
+    ``gradient_clip_val``) clips only the second pass's: ε comes from the unclipped gradient.
 
     Example:
         >>> from torch import nn
@@ -113,6 +122,7 @@ class SAMOptimizer(torch.optim.Optimizer):
     def first_step(self, zero_grad: bool = False, rho: float | None = None) -> None:
         """``w ← w + ε`` from the gradients of the first backward (radius ``rho``, default the
         perturbation's); then clear the gradients if ``zero_grad``."""
+        self.perturbation.restrict_to(optimizer_parameters(self.base_optimizer))
         self.perturbation.perturb(rho)
         self._first_step_taken = True
         if zero_grad:
@@ -155,10 +165,27 @@ class SAMOptimizer(torch.optim.Optimizer):
                 "gradients (both passes come from the closure). To accumulate micro-batches, pass them "
                 "to StepEngine.step as a list, or in Lightning use the callbacks (NuSAM, SAM, ...) with "
                 "a plain optimizer", UserWarning, stacklevel=2)
-        passes = _ClosurePasses(closure)
+        passes = _ClosurePasses(closure, self._first_call_hides_parameters)
         self.engine.step(passes, [(None, 0)], self.base_optimizer, StepPlan(True, self.perturbation.rho))
         self.zero_grad()  # so that gradients found at the next step are someone's accumulation
         return passes.first_loss
+
+    @contextlib.contextmanager
+    def _first_call_hides_parameters(self) -> Iterator[None]:
+        """While the closure runs the first pass, each of :attr:`param_groups` holds one empty
+        placeholder parameter (with an empty gradient) instead of the model's (the other entries
+        are the base optimizer's): what the closure does through the optimizer's groups after its
+        backward, such as Lightning's gradient clipping (``gradient_clip_val``, by value or by
+        norm), then leaves the first-pass gradient alone, and ε comes from the gradient backward
+        gave. The second call's gradient is clipped as usual."""
+        like = next(iter(optimizer_parameters(self.base_optimizer)), torch.zeros(0))
+        placeholder = torch.nn.Parameter(torch.zeros(0, dtype=like.dtype, device=like.device))
+        placeholder.grad = torch.zeros_like(placeholder)
+        self.param_groups = [{**group, "params": [placeholder]} for group in self.base_optimizer.param_groups]
+        try:
+            yield
+        finally:
+            self.param_groups = self.base_optimizer.param_groups
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
@@ -189,11 +216,14 @@ class SAMOptimizer(torch.optim.Optimizer):
 class _ClosurePasses:
     """A torch closure as the engine's passes: each call runs one forward and backward."""
 
-    def __init__(self, closure: Callable[[], Any]) -> None:
-        self.closure, self.first_loss = closure, None
+    def __init__(self, closure: Callable[[], Any],
+                 first_call: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+                 ) -> None:
+        self.closure, self.first_loss, self.first_call, self.calls = closure, None, first_call, 0
 
     def forward_backward(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
-        with torch.enable_grad():
+        self.calls += 1
+        with torch.enable_grad(), self.first_call() if self.calls == 1 else contextlib.nullcontext():
             loss = self.closure()
         if self.first_loss is None:
             self.first_loss = loss

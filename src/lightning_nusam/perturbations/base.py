@@ -22,18 +22,20 @@ import abc
 import inspect
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from lightning_nusam.checks import check_choice, check_integer, check_positive, check_rho
 from lightning_nusam.perturbations.selection import (
     SelectedParameter,
     as_patterns,
     nothing_to_perturb,
+    uninitialized_parameters,
     unwrap_module,
 )
 from lightning_nusam.perturbations.sharding import RowSharding, all_reduce_sum, local, row_sharding
@@ -96,6 +98,10 @@ class Perturbation(abc.ABC):
         self.model = unwrap_module(model)
         self._select, self._empty_hint = select, empty_hint
         self._selected: list[SelectedParameter] = []
+        #: ``id`` of the parameters the perturbation is restricted to (see :meth:`restrict_to`)
+        self._restriction: frozenset[int] | None = None
+        self._restriction_key: tuple[int, ...] | None = None  # their ids in the optimizer's order
+        self._lazy: list[nn.Parameter] = []  # lazy parameters not initialised at the last selection
         self._shardings: list[RowSharding | None] = []
         self._layout: list[tuple[nn.Parameter, torch.dtype, torch.Size, torch.device]] = []
         self._hook_handles: list[Any] = []
@@ -131,19 +137,63 @@ class Perturbation(abc.ABC):
 
     # ----------------------------------------------------------------------------- selection
     def _take_selection(self) -> None:
+        """Select from the model. An empty selection is an error, except while the model has lazy
+        parameters that their first forward has not initialised (the selection is taken again
+        then).
+        """
         selected = self._select(self.model)
-        if not selected:
+        self._lazy = uninitialized_parameters(self.model)
+        if not selected and not self._lazy:
             raise nothing_to_perturb(self.model, self._empty_hint)
         self._selected = selected
         self._shardings = [row_sharding(item.name, item.parameter) for item in selected]
-        self._layout = [(p, p.dtype, p.shape, p.device) for p in self.model.parameters()]
+        self._layout = [(p, p.dtype, _shape(p), p.device) for p in self.model.parameters()]
         self._hold_state_dicts_unperturbed()
 
+    def restrict_to(self, parameters: Iterable[torch.Tensor] | None) -> None:
+        """Perturb only the selected parameters that are among ``parameters`` (those of the
+        optimizer: what it updates), or every selected one (``None``, the default).
+
+        SAM's ``ε = ρ g / ‖g‖₂`` is then normalised over the optimizer's parameters only, as a
+        SAM optimizer built on them would do (linear probing: a backbone left out of the
+        optimizer is neither perturbed nor counted). A selected parameter outside ``parameters``
+        is skipped as a frozen one is (:meth:`trains`): the selection, its state and
+        checkpoints stay the same, and it is perturbed again once the optimizer updates it.
+        Every way in calls this at the start of a step with its optimizer's parameters.
+
+        Example:
+            >>> from lightning_nusam.perturbations import L2Perturbation
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+            >>> sam = L2Perturbation(model, rho=0.05)
+            >>> sam.restrict_to(model[2].parameters())  # an optimizer of the head only
+            >>> sam.parameter_names
+            ['2.weight', '2.bias']
+        """
+        key = None if parameters is None else tuple(map(id, parameters))
+        if key == self._restriction_key:  # the optimizer of the last call, unchanged
+            return
+        if self._is_perturbed:
+            raise RuntimeError(f"{type(self).__name__}.restrict_to() while ε is applied: "
+                               "call restore() first")
+        self._restriction_key = key
+        restriction = self._restriction = None if key is None else frozenset(key)
+        if restriction is not None and self._selected and not any(
+                id(item.parameter) in restriction for item in self._selected):
+            warnings.warn(f"{type(self).__name__}: the optimizer updates none of the {len(self._selected)} "
+                          "parameters this method perturbs: nothing is perturbed", UserWarning, stacklevel=2)
+
+    def trains(self, item: SelectedParameter) -> bool:
+        """Whether a selected parameter is perturbed now: it requires grad and is among those of
+        :meth:`restrict_to` (the optimizer's), when given."""
+        return item.parameter.requires_grad and (self._restriction is None
+                                                 or id(item.parameter) in self._restriction)
+
     def _follow_model(self) -> None:
-        """Take the selection again if the model's parameters changed since it was taken."""
+        """Take the selection again if the model's parameters changed since it was taken (lazy
+        parameters initialised by a forward included)."""
         parameters = list(self.model.parameters())
-        if len(parameters) == len(self._layout) and all(
-            p is q and p.dtype == dtype and p.shape == shape and p.device == device
+        if all(is_lazy(p) for p in self._lazy) and len(parameters) == len(self._layout) and all(
+            p is q and p.dtype == dtype and _shape(p) == shape and p.device == device
             for p, (q, dtype, shape, device) in zip(parameters, self._layout, strict=True)
         ):
             return
@@ -165,17 +215,18 @@ class Perturbation(abc.ABC):
     @property
     def parameter_names(self) -> list[str]:
         """Names (as in ``model.named_parameters()``) of the parameters this perturbation touches
-        now: the selected ones that require grad (frozen ones are perturbed once they train)."""
+        now: the selected ones that require grad and the optimizer updates (frozen ones are
+        perturbed once they train; see :meth:`restrict_to`)."""
         if not self._is_perturbed:
             self._follow_model()
-        return [item.name for item in self._selected if item.parameter.requires_grad]
+        return [item.name for item in self._selected if self.trains(item)]
 
     @property
     def parameters(self) -> list[nn.Parameter]:
         """The parameters of :attr:`parameter_names`."""
         if not self._is_perturbed:
             self._follow_model()
-        return [item.parameter for item in self._selected if item.parameter.requires_grad]
+        return [item.parameter for item in self._selected if self.trains(item)]
 
     @property
     def skipped_steps(self) -> int:
@@ -407,6 +458,11 @@ class Perturbation(abc.ABC):
 
     def __repr__(self) -> str:
         return self.describe()
+
+
+def _shape(parameter: torch.Tensor) -> torch.Size | None:
+    """A parameter's shape, None for a lazy one that has none yet."""
+    return None if is_lazy(parameter) else parameter.shape
 
 
 class _UnperturbedStateDict:

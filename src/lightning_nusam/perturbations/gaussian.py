@@ -109,7 +109,7 @@ class GaussianPerturbation(Perturbation):
     def _estimate(self, replicas: dist.ProcessGroup | None) -> None:
         """The direction is random: only remember which parameters have a gradient (with
         ``replicas``, which train: the same set on every process, nothing to communicate)."""
-        self._estimated = [i for i, item in enumerate(self._selected) if item.parameter.requires_grad
+        self._estimated = [i for i, item in enumerate(self._selected) if self.trains(item)
                            and (replicas is not None or dense_gradient(item) is not None)]
 
     def _apply(self, rho: float, repeat: bool) -> None:

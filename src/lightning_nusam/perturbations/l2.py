@@ -141,7 +141,7 @@ class L2Perturbation(Perturbation):
         """The parameters with a gradient and ``1 / (‖T g‖ + τ)``; the direction is ``g`` itself.
         With ``replicas`` the selected gradients are first averaged over them, in place, in one
         collective call (a missing one counts as zero)."""
-        trains = [i for i, item in enumerate(self._selected) if item.parameter.requires_grad]
+        trains = [i for i, item in enumerate(self._selected) if self.trains(item)]
         if replicas is not None:
             if self._sharding() is not None:
                 raise ValueError("`replicas` cannot be combined with row-sharded (FSDP2) parameters")

@@ -329,7 +329,7 @@ class NuclearPerturbation(Perturbation):
     def _power_iteration(self, group: _ShapeGroup) -> Iterator[_Estimate]:
         """Run Algorithm 2 for the members of ``group`` that have a gradient."""
         rows = [i for i, item in enumerate(group.members)
-                if item.parameter.requires_grad and dense_gradient(item) is not None]
+                if self.trains(item) and dense_gradient(item) is not None]
         if not rows:
             return
         n, m = group.u.shape[1], group.v.shape[1]
@@ -367,7 +367,7 @@ class NuclearPerturbation(Perturbation):
             if group.sharding is not None:
                 raise ValueError("`replicas` cannot be combined with row-sharded (FSDP2) parameters, "
                                  "whose gradients are reduced by the sharding itself")
-            rows = [i for i, item in enumerate(group.members) if item.parameter.requires_grad]
+            rows = [i for i, item in enumerate(group.members) if self.trains(item)]
             if not rows:
                 continue
             n, m = group.u.shape[1], group.v.shape[1]

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
+from torch.nn.utils import parametrizations
+from torch.nn.utils.weight_norm import WeightNorm
 
 #: Parameter-name patterns νSAM leaves alone by default: learned position embeddings and the
 #: extra tokens of vision transformers. They are not weight matrices of a layer (paper §3.2).
@@ -88,16 +91,59 @@ def unwrap_module(model: nn.Module) -> nn.Module:
 
 
 def owned_parameters(model: nn.Module) -> Iterator[SelectedParameter]:
-    """Yield every parameter once (shared/tied parameters once, frozen ones too) with its owners."""
+    """Yield every parameter once (shared/tied parameters once, frozen ones too) with its owners.
+
+    Parameters of lazy modules not initialised yet (``nn.LazyLinear`` before its first forward)
+    have no shape and are left out; a perturbation takes its selection again once they have one.
+    """
     owners: dict[int, list[nn.Module]] = {}
     first: dict[int, tuple[str, nn.Parameter]] = {}
     for module_name, module in model.named_modules():
         for local_name, parameter in module.named_parameters(recurse=False):
+            if is_lazy(parameter):
+                continue
             owners.setdefault(id(parameter), []).append(module)
             first.setdefault(id(parameter), (f"{module_name}.{local_name}" if module_name else local_name,
                                              parameter))
     for key, (name, parameter) in first.items():
         yield SelectedParameter(name, parameter, owners[key][0], tuple(owners[key]))
+
+
+def uninitialized_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``model``'s lazy modules that their first forward has not initialised yet."""
+    return [parameter for parameter in model.parameters() if is_lazy(parameter)]
+
+
+def inside_modules(model: nn.Module, module_types: Sequence[type[nn.Module]]) -> set[int]:
+    """``id`` of every parameter inside a module of one of ``module_types`` (its own parameters and
+    those of every submodule: a ``TransformerEncoderLayer``'s attention and feed-forward too)."""
+    types = tuple(module_types)
+    if not types:
+        return set()
+    return {id(parameter) for module in model.modules() if isinstance(module, types)
+            for parameter in module.parameters()}
+
+
+def weight_norm_magnitudes(model: nn.Module) -> set[int]:
+    """``id`` of the magnitudes ``g`` of weight-normalised layers, ``w = g · v / ‖v‖`` (the
+    ``parametrizations.weight_norm`` form, ``original0``, and the older hook form, ``weight_g``).
+
+    ``g`` holds one scale per output row, shape ``(out, 1)``: a gain like a normalisation
+    layer's, not a layer's weight matrix, so νSAM leaves it alone unless ``include`` names it;
+    ``v`` (``original1``, ``weight_v``) is the layer's matrix and is perturbed.
+    """
+    parametrized_norm = getattr(parametrizations, "_WeightNorm", None)  # the parametrization's class
+    found: set[int] = set()
+    for module in model.modules():
+        for chain in getattr(module, "parametrizations", {}).values():
+            if parametrized_norm is not None and any(isinstance(p, parametrized_norm) for p in chain):
+                found.add(id(chain.original0))
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, WeightNorm):
+                magnitude = getattr(module, f"{hook.name}_g", None)
+                if isinstance(magnitude, nn.Parameter):
+                    found.add(id(magnitude))
+    return found
 
 
 def matches_any(name: str, patterns: Sequence[str]) -> bool:
@@ -166,15 +212,22 @@ def select_matrices(
     A parameter is selected when it is 2-D (or is a convolution kernel and
     ``include_conv`` is set, then seen as an ``(out, in·kh·kw)`` matrix), its name matches
     ``include`` (when given) and no pattern of ``exclude``, its module is neither a
-    normalisation layer, nor an embedding table (unless ``include_embeddings``), nor an
-    instance of ``exclude_modules``, and it does not get sparse gradients. ``include`` and
-    ``exclude`` take a pattern or a list of them.
+    normalisation layer nor an embedding table (unless ``include_embeddings``), it is not
+    inside a module of ``exclude_modules`` (at any depth), it is not a weight-normalised
+    layer's magnitude ``g`` (unless ``include`` names it; see :func:`weight_norm_magnitudes`),
+    and it does not get sparse gradients. ``include`` and ``exclude`` take a pattern or a list
+    of them.
     """
     include = None if include is None else as_patterns("include", include)
     exclude = as_patterns("exclude", exclude)
-    skip_types = NORM_LAYER_TYPES + tuple(exclude_modules)
+    skip_types = NORM_LAYER_TYPES
+    excluded = inside_modules(model, exclude_modules)
+    if include is None:
+        excluded |= weight_norm_magnitudes(model)
     selected = []
     for item in owned_parameters(model):
+        if id(item.parameter) in excluded:
+            continue
         if not include_embeddings and is_embedding_table(item):
             continue
         is_conv = is_convolution_kernel(item)
