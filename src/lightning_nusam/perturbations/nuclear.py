@@ -336,8 +336,8 @@ class NuclearPerturbation(Perturbation):
         if self.foreach:
             # u and v are finite exactly when the norms that normalised them are (a non-finite
             # entry makes its row's norm non-finite): one check of a few numbers per matrix
-            checks = [part.reshape(-1) for e in estimates for part in e.checks]
-            finite = torch.isfinite(torch.cat(checks)).all()
+            checks = torch.cat([part.reshape(-1) for e in estimates for part in e.checks])
+            finite = checks.mul_(0).eq(0).all()  # x·0 is 0 for a finite x, NaN otherwise
         else:
             finite = torch.stack(
                 [torch.isfinite(e.u).all() & torch.isfinite(e.v).all() for e in estimates]
@@ -417,7 +417,7 @@ class NuclearPerturbation(Perturbation):
         u = group.start_vectors(rows)
         v_buffer = group.v.new_empty(len(rows), m)
         u_buffer = group.u.new_empty(len(rows), n)
-        v_norm = sigma = u.new_zeros(len(rows))
+        v_norm = sigma = u  # set by the first iteration (T ≥ 1)
         for _ in range(self.power_iterations):
             for i, grad in enumerate(grads):
                 torch.mv(grad.t(), u[i], out=v_buffer[i])  # Aᵀu (this rank's rows' share when sharded)
