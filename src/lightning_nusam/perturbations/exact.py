@@ -123,7 +123,7 @@ def add_removably(weight: torch.Tensor, epsilon: torch.Tensor,
     values = weight.reshape(-1).index_select(0, flat)  # row-major order, whatever the strides
     index_dtype = torch.int32 if weight.numel() < 2**31 else torch.int64
     exceptions = RoundingExceptions(flat.to(index_dtype), values, added)
-    weight.copy_(torch.where(added, perturbed, weight))
+    torch.where(added, perturbed, weight, out=weight)
     return exceptions
 
 
