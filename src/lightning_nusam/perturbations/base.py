@@ -206,7 +206,9 @@ class Perturbation(abc.ABC):
         """Autocast off for the device type of the perturbed weights: ε is computed and added in
         the weights' own precision whether or not the caller runs under ``torch.autocast``."""
         device_type = local(self._selected[0].parameter.detach()).device.type
-        if torch.amp.is_autocast_available(device_type):
+        available = getattr(torch.amp, "is_autocast_available",
+                            lambda kind: kind in ("cpu", "cuda"))  # torch < 2.4 has no such function
+        if available(device_type):
             return torch.autocast(device_type, enabled=False)
         return contextlib.nullcontext()
 

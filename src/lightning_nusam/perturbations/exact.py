@@ -116,7 +116,7 @@ def add_removably(weight: torch.Tensor, epsilon: torch.Tensor,
     if budget is None:
         budget = ExceptionBudget(weight.numel(), weight.device)
     capacity = budget.grow()
-    flat = torch.nonzero_static(mismatch, size=capacity, fill_value=0).squeeze(1)
+    flat = _positions(mismatch, capacity)
     count = mismatch.sum()
     budget.record(count)
     added = count <= capacity
@@ -125,6 +125,16 @@ def add_removably(weight: torch.Tensor, epsilon: torch.Tensor,
     exceptions = RoundingExceptions(flat.to(index_dtype), values, added)
     torch.where(added, perturbed, weight, out=weight)
     return exceptions
+
+
+def _positions(mask: torch.Tensor, capacity: int) -> torch.Tensor:
+    """The first ``capacity`` positions of ``mask``'s true entries, padded with 0, without waiting
+    for the device (``nonzero_static``; a torch without it on this device uses ``nonzero``)."""
+    try:
+        return torch.nonzero_static(mask, size=capacity, fill_value=0).squeeze(1)
+    except (NotImplementedError, RuntimeError):  # pragma: no cover - older torch on an accelerator
+        found = mask.nonzero().squeeze(1)[:capacity]
+        return torch.cat([found, found.new_zeros(capacity - found.numel())])
 
 
 def remove_exactly(weight: torch.Tensor, epsilon: torch.Tensor, exceptions: RoundingExceptions) -> None:
