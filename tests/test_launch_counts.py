@@ -206,3 +206,23 @@ def test_a_step_checks_the_selected_parameters_only():
     model.blocks[0]["fc1"].to(torch.float64)
     assert next(p for p, n in zip(nusam.parameters, nusam.parameter_names, strict=True)
                 if n == "blocks.0.fc1.weight").dtype == torch.float64
+
+
+@pytest.mark.parametrize("method", ["nusam", "nusam_batched", "nusam_norm", "sam_on", "sam"])
+def test_no_host_synchronisation_in_the_data_parallel_reduction_besides_its_collective(method, monkeypatch):
+    import lightning_nusam.perturbations.l2 as l2
+    import lightning_nusam.perturbations.nuclear as nuclear
+
+    collectives = []
+    monkeypatch.setattr(nuclear, "average_over", lambda group, tensors: collectives.append(len(tensors)))
+    monkeypatch.setattr(l2, "average_over", lambda group, tensors: collectives.append(len(tensors)))
+    model = model_in("fp32")
+    perturbation = METHODS[method](model)
+    replicas = object()  # stands for the process group: the collective itself is not counted
+    for step in range(2):
+        give_gradients(model, step)
+        with counts.DispatchCounter() as counter:
+            perturbation.perturb(replicas=replicas)
+            perturbation.restore()
+    assert counter.syncs == 0, counter.sync_sources
+    assert collectives  # the reduction ran
