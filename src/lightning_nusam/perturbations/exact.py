@@ -7,7 +7,10 @@ to nearest, so for almost every entry the second one lands back on ``w``; it mis
 spacing of representable numbers at ``w'`` is then coarser than at ``w``. Those entries are
 found at ``perturb()`` time by doing the subtraction once in advance, and only their positions
 and original values are kept (:class:`RoundingExceptions`); ``restore`` subtracts ``e`` and
-writes them back, so the weights are bit-identical after any number of cycles.
+writes them back, so the weights are bit-identical after any number of cycles. Nothing of this
+waits for the device: the positions go into a buffer of a budgeted size (:class:`ExceptionBudget`),
+and a step whose exceptions do not fit leaves that weight unperturbed (so still exact) while the
+budget grows for the next steps.
 
 ``ε`` is formed in fp32 and rounded once to the weight's dtype (``e``); ``w + e`` and ``w' − e`` are
 each rounded once, on both sides, so the subtraction that ``restore`` performs is exactly the one

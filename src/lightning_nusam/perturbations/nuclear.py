@@ -185,7 +185,8 @@ class NuclearPerturbation(Perturbation):
         tau: τ of Algorithm 2.
         seed: seed of the random start vectors ``u``.
         exact_restore: make :meth:`restore` bit-exact. ``None`` (default) does so for bf16/fp16
-            weights, where ``w + ε − ε`` visibly rounds: the few entries a subtraction would not
+            weights, matrix by matrix (a bf16 body beside an fp32 head keeps it), where
+            ``w + ε − ε`` visibly rounds: the few entries a subtraction would not
             give back are found at ``perturb()`` time and only they are kept (see
             :mod:`~lightning_nusam.perturbations.exact`). fp32/fp64 weights then restore by an
             in-place ``addr_`` (no temporary, a last-bit rounding at most); ``True`` makes them
