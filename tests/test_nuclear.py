@@ -434,3 +434,35 @@ def test_the_replicated_power_iteration_stacks_at_most_max_stack_numel(one_repli
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), expected[name], rtol=0, atol=1e-6)
     nusam.restore()
+
+
+def random_gradients(model: nn.Module, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=generator).to(p.dtype)
+
+
+@pytest.mark.parametrize("cls", [NuclearPerturbation, NuclearNormalizedPerturbation])
+def test_exact_restore_is_chosen_per_matrix_in_a_bf16_body_with_an_fp32_head(cls):
+    # a bf16 body with an fp32 head (a model kept partly in fp32): the bf16 matrices keep their
+    # exact restore, the fp32 head is restored by subtraction (a last-bit rounding at most)
+    torch.manual_seed(0)
+    model = TinyViTLike(dim=32).to(torch.bfloat16)
+    model.head.float()
+    before = snapshot(model)
+    nusam = cls(model, rho=0.5)
+    assert not nusam.exact_restore  # not every matrix: the head is fp32
+    perturbed = 0
+    for step in range(64):  # lr 0: each cycle must give the weights back
+        random_gradients(model, step)
+        nusam.perturb()
+        # ε is added (the first step of a matrix whose rounding exceptions outgrow their first
+        # budget leaves it unperturbed, and the budget grows)
+        perturbed += not torch.equal(model.blocks[0]["fc1"].weight, before["blocks.0.fc1.weight"])
+        nusam.restore()
+    assert perturbed >= 62
+    for name, parameter in model.named_parameters():
+        if parameter.dtype == torch.bfloat16:
+            assert torch.equal(parameter, before[name]), name
+        else:
+            torch.testing.assert_close(parameter, before[name], rtol=0, atol=1e-6)

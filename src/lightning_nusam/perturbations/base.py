@@ -19,6 +19,7 @@ every checkpoint, from any hook or signal handler) holds the weights without it.
 from __future__ import annotations
 
 import abc
+import contextlib
 import inspect
 import warnings
 import weakref
@@ -45,6 +46,23 @@ DEFAULT_TAU = 1e-12
 
 #: Chooses the parameters of a model that a perturbation may touch (frozen ones included).
 Selection = Callable[[nn.Module], list[SelectedParameter]]
+
+
+class _StructureStamp:
+    """Counts registrations of parameters and submodules anywhere (``setattr`` of a parameter
+    or a module, ``register_parameter``, ``load_state_dict(assign=True)``): while it has not
+    moved, no model has gained or swapped a parameter or a layer, so a perturbation checks only
+    its own selected parameters at each step instead of walking the whole model."""
+
+    count = 0
+
+    @classmethod
+    def bump(cls, *args: Any) -> None:
+        cls.count += 1
+
+
+nn.modules.module.register_module_parameter_registration_hook(_StructureStamp.bump)
+nn.modules.module.register_module_module_registration_hook(_StructureStamp.bump)
 
 
 def own_options(arguments: Mapping[str, Any]) -> dict[str, Any]:
@@ -104,6 +122,11 @@ class Perturbation(abc.ABC):
         self._lazy: list[nn.Parameter] = []  # lazy parameters not initialised at the last selection
         self._shardings: list[RowSharding | None] = []
         self._layout: list[tuple[nn.Parameter, torch.dtype, torch.Size, torch.device]] = []
+        self._selected_layout: list[tuple[nn.Parameter, dict, str, torch.dtype, torch.Size,
+                                          torch.device]] = []
+        self._stamp = -1
+        #: whether some (not necessarily all) perturbed weights are restored exactly
+        self._partly_exact = False
         self._hook_handles: list[Any] = []
         self._is_perturbed = False
         self._applied_rho = 0.0
@@ -147,8 +170,17 @@ class Perturbation(abc.ABC):
             raise nothing_to_perturb(self.model, self._empty_hint)
         self._selected = selected
         self._shardings = [row_sharding(item.name, item.parameter) for item in selected]
-        self._layout = [(p, p.dtype, _shape(p), p.device) for p in self.model.parameters()]
+        self._remember_layout()
         self._hold_state_dicts_unperturbed()
+
+    def _remember_layout(self) -> None:
+        self._stamp = _StructureStamp.count
+        self._layout = [(p, p.dtype, _shape(p), p.device) for p in self.model.parameters()]
+        self._selected_layout = [
+            (item.parameter, self._owner(item)._parameters, item.name.rpartition(".")[2],
+             item.parameter.dtype, item.parameter.shape, item.parameter.device)
+            for item in self._selected
+        ]
 
     def restrict_to(self, parameters: Iterable[torch.Tensor] | None) -> None:
         """Perturb only the selected parameters that are among ``parameters`` (those of the
@@ -188,18 +220,48 @@ class Perturbation(abc.ABC):
         return item.parameter.requires_grad and (self._restriction is None
                                                  or id(item.parameter) in self._restriction)
 
+    def _owner(self, item: SelectedParameter) -> nn.Module:
+        """The module that holds ``item`` under its name's last part."""
+        try:
+            return self.model.get_submodule(item.name.rpartition(".")[0])
+        except AttributeError:
+            return item.module
+
     def _follow_model(self) -> None:
         """Take the selection again if the model's parameters changed since it was taken (lazy
-        parameters initialised by a forward included)."""
+        parameters initialised by a forward included).
+
+        At each step this checks the selected parameters only (still held by their module, with
+        the dtype, shape and device they had: a cast or a move changes those) and the lazy ones
+        left out at the last selection; the whole model is walked only when a parameter or a
+        layer was registered somewhere since the last check (a swapped layer,
+        ``load_state_dict(assign=True)``), so the host time per step does not grow with the
+        model's parameter count."""
+        if _StructureStamp.count == self._stamp and all(is_lazy(p) for p in self._lazy) and all(
+            owned.get(leaf) is p and p.dtype == dtype and p.shape == shape and p.device == device
+            for p, owned, leaf, dtype, shape, device in self._selected_layout
+        ):
+            return
         parameters = list(self.model.parameters())
         if all(is_lazy(p) for p in self._lazy) and len(parameters) == len(self._layout) and all(
             p is q and p.dtype == dtype and _shape(p) == shape and p.device == device
             for p, (q, dtype, shape, device) in zip(parameters, self._layout, strict=True)
         ):
+            self._stamp = _StructureStamp.count  # a registration elsewhere: nothing changed here
             return
         previous = {item.name: item for item in self._selected}
         self._take_selection()
         self._selection_changed(previous)
+
+    def _no_autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast off for the device type of the perturbed weights: ε is computed and added in
+        the weights' own precision whether or not the caller runs under ``torch.autocast``."""
+        device_type = local(self._selected[0].parameter.detach()).device.type
+        available = getattr(torch.amp, "is_autocast_available",
+                            lambda kind: kind in ("cpu", "cuda"))  # torch < 2.4 has no such function
+        if available(device_type):
+            return torch.autocast(device_type, enabled=False)
+        return contextlib.nullcontext()
 
     @abc.abstractmethod
     def _selection_changed(self, previous: dict[str, SelectedParameter]) -> None:
@@ -265,8 +327,9 @@ class Perturbation(abc.ABC):
         self._check_not_perturbed("perturb")
         self._follow_model()
         self._require_gradients("perturb")
-        self._estimate(replicas)
-        self._apply_checked(rho)
+        with self._no_autocast():
+            self._estimate(replicas)
+            self._apply_checked(rho)
 
     @torch.no_grad()
     def estimate(self) -> None:
@@ -276,7 +339,8 @@ class Perturbation(abc.ABC):
         self._check_not_perturbed("estimate")
         self._follow_model()
         self._require_gradients("estimate")
-        self._estimate(None)
+        with self._no_autocast():
+            self._estimate(None)
 
     @torch.no_grad()
     def apply(self, rho: float | None = None, *, repeat: bool = False) -> None:
@@ -289,7 +353,8 @@ class Perturbation(abc.ABC):
         self._require_one_pass("apply")
         self._check_not_perturbed("apply")
         self._follow_model()
-        self._apply_checked(rho, repeat)
+        with self._no_autocast():
+            self._apply_checked(rho, repeat)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -301,7 +366,7 @@ class Perturbation(abc.ABC):
         """
         if not self._is_perturbed:
             return
-        if self.exact_restore:
+        if self.exact_restore or self._partly_exact:
             changed = [item.name for item, version in zip(self._selected, self._versions, strict=True)
                        if item.parameter._version != version]
             if changed:
@@ -310,7 +375,8 @@ class Perturbation(abc.ABC):
                     f"perturb() (e.g. {changed[0]!r}; an optimizer.step()?), and an exact restore would "
                     "undo that change. Call restore() before optimizer.step()"
                 )
-        self._restore()
+        with self._no_autocast():
+            self._restore()
         self._is_perturbed = False
         self._applied_rho = 0.0
         self._clean = None
@@ -369,8 +435,9 @@ class Perturbation(abc.ABC):
         if not self._is_perturbed:
             return {}
         if self._clean is None:
-            self._clean = {id(self._selected[i].parameter): value
-                           for i, value in self._unperturbed_copies().items()}
+            with self._no_autocast():
+                copies = self._unperturbed_copies()
+            self._clean = {id(self._selected[i].parameter): value for i, value in copies.items()}
         return self._clean
 
     def _hold_state_dicts_unperturbed(self) -> None:

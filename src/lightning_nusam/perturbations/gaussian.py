@@ -23,15 +23,20 @@ from torch import nn
 
 from lightning_nusam.perturbations.base import Perturbation, own_options
 from lightning_nusam.perturbations.exact import (
+    ExceptionBudget,
     RoundingExceptions,
     add_removably,
     remove_exactly,
     resolve_exact_restore,
+    restores_exactly,
 )
 from lightning_nusam.perturbations.selection import SelectedParameter, dense_gradient, select_all
 from lightning_nusam.perturbations.sharding import all_reduce_sum, local
 
 _STEP_STRIDE = 1_000_003  # a prime: distinct (seed, step) pairs give distinct generator seeds
+#: The noise of at most this many weights is alive at once while its norm is taken (one
+#: ``_foreach_norm`` per chunk: 16 MiB of fp32).
+NORM_CHUNK_NUMEL = 1 << 22
 
 
 class GaussianPerturbation(Perturbation):
@@ -75,7 +80,8 @@ class GaussianPerturbation(Perturbation):
         # Row-sharded parameters (``self._shardings``) draw their local rows from a rank-specific
         # stream; the norm is one all-reduced scalar (replicated parameters counted on rank 0 only).
         self._scale = torch.zeros(())
-        self._applied: list[int] = []  # the parameters that carry ε now
+        self._applied: set[int] = set()  # the parameters that carry ε now
+        self._exact: list[bool] = []
         self._applied_order: list[int] = []  # the order their noise was drawn in
         self._applied_seed = 0
         select = functools.partial(select_all, include=options["include"], exclude=options["exclude"])
@@ -83,6 +89,9 @@ class GaussianPerturbation(Perturbation):
 
     def _selection_changed(self, previous: dict[str, SelectedParameter]) -> None:
         self.exact_restore = resolve_exact_restore(self._exact_option, self._selected)
+        self._exact = [restores_exactly(self._exact_option, item.parameter.dtype) for item in self._selected]
+        self._budgets: dict[int, ExceptionBudget] = {}
+        self._partly_exact = any(self._exact)
         previous_names = list(previous)  # in the order of the previous selection
         estimated = {previous_names[i] for i in self._estimated}
         self._estimated = [i for i, item in enumerate(self._selected) if item.name in estimated]
@@ -118,28 +127,43 @@ class GaussianPerturbation(Perturbation):
             return
         step_seed = self._applied_seed if repeat else self.seed * _STEP_STRIDE + self.steps
         sharding = self._sharding()
-        squared = torch.zeros((), dtype=torch.float64)
+        norms: list[torch.Tensor] = []
+        chunk: list[torch.Tensor] = []
+        chunk_numel = 0
         for i, _, noise in self._noise(step_seed, indices):
             if sharding is None or self._shardings[i] is not None or sharding.rank == 0:
-                squared += torch.linalg.vector_norm(noise).double().cpu().square()
+                chunk.append(noise)
+                chunk_numel += noise.numel()
+                if chunk_numel >= NORM_CHUNK_NUMEL:
+                    norms += torch._foreach_norm(chunk)
+                    chunk, chunk_numel = [], 0
+        if chunk:
+            norms += torch._foreach_norm(chunk)
+        device = local(self._selected[indices[0]].parameter.detach()).device
+        squared = (torch.stack(norms).double().square().sum() if norms
+                   else torch.zeros((), dtype=torch.float64, device=device))
         if sharding is not None:
-            squared = all_reduce_sum(squared.to(local(self._selected[0].parameter.detach()).device),
-                                     sharding.group).cpu()
-        self._scale = torch.tensor(rho / max(float(squared), 1e-300) ** 0.5)
-        self._applied, self._applied_order, self._applied_seed = [], list(indices), step_seed
+            squared = all_reduce_sum(squared, sharding.group)
+        # ρ/‖e‖ on the device, computed in fp64 and rounded once to fp32 (no host synchronisation)
+        self._scale = squared.clamp_min(1e-300).rsqrt().mul_(rho).float()
+        self._applied, self._applied_order, self._applied_seed = set(), list(indices), step_seed
         for i, weight, noise in self._noise(step_seed, indices):
-            epsilon = noise.mul_(self._scale.item())
-            if self.exact_restore:
-                self._exceptions[i] = add_removably(weight, epsilon)
+            if self._exact[i]:
+                budget = self._budgets.get(i)
+                if budget is None:
+                    budget = self._budgets[i] = ExceptionBudget(weight.numel(), weight.device)
+                self._exceptions[i] = add_removably(weight, noise.mul_(self._scale), budget)
+            elif weight.dtype in (torch.float32, torch.float64):
+                weight.addcmul_(noise, self._scale)  # w + e·ρ/‖e‖ in one kernel
             else:
-                weight.add_(epsilon.to(weight.dtype))
-            self._applied.append(i)  # restore() undoes exactly the parameters changed so far
+                weight.add_(noise.mul_(self._scale).to(weight.dtype))
+            self._applied.add(i)  # restore() undoes exactly the parameters changed so far
 
     def _restore(self) -> None:
         for i, weight, noise in self._noise(self._applied_seed, self._applied_order):
             if i in self._applied:
                 self._remove(weight, noise, i)
-                self._applied.remove(i)  # forgotten one by one: an interruption leaves it consistent
+                self._applied.discard(i)  # forgotten one by one: an interruption leaves it consistent
                 self._exceptions.pop(i, None)
         self._applied_order = []
 
@@ -155,11 +179,12 @@ class GaussianPerturbation(Perturbation):
 
     def _remove(self, weight: torch.Tensor, noise: torch.Tensor, index: int) -> None:
         """``weight ← weight − ε`` for the selected parameter ``index`` (its data, or a copy)."""
-        epsilon = noise.mul_(self._scale.item())
-        if self.exact_restore:
-            remove_exactly(weight, epsilon, self._exceptions[index])
+        if self._exact[index]:
+            remove_exactly(weight, noise.mul_(self._scale), self._exceptions[index])
+        elif weight.dtype in (torch.float32, torch.float64):
+            weight.addcmul_(noise, self._scale, value=-1)
         else:
-            weight.sub_(epsilon.to(weight.dtype))
+            weight.sub_(noise.mul_(self._scale).to(weight.dtype))
 
     def held_tensors(self) -> Iterator[torch.Tensor]:
         yield self._scale

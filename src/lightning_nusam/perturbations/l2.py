@@ -43,6 +43,12 @@ def squared_norm(tensors: list[torch.Tensor], device: torch.device) -> torch.Ten
     return torch.stack([n.to(device) for n in norms]).float().square().sum()
 
 
+def _norm(tensor: torch.Tensor) -> torch.Tensor:
+    """``‖t‖₂``, accumulated in fp32 for a bf16/fp16 tensor."""
+    low = tensor.dtype in (torch.float16, torch.bfloat16)
+    return torch.linalg.vector_norm(tensor, dtype=torch.float32 if low else None)
+
+
 def sharded_squared_norm(
     tensors: list[torch.Tensor], shardings: list[RowSharding | None], device: torch.device
 ) -> torch.Tensor:
@@ -126,6 +132,8 @@ class L2Perturbation(Perturbation):
         self._applied: list[int] = []
         self._estimated: list[int] = []
         self._inverse_norm = torch.zeros(())
+        self._finite = torch.ones((), dtype=torch.bool)
+        self._skipped: torch.Tensor | int = 0
         super().__init__(model, rho, select, hint)
 
     def _selection_changed(self, previous: dict[str, SelectedParameter]) -> None:
@@ -155,14 +163,18 @@ class L2Perturbation(Perturbation):
         if not indices:
             return
         grads = [local(self._selected[i].parameter.grad) for i in indices]
-        if self.adaptive:
-            grads = [self._metric(i) * grad for i, grad in zip(indices, grads, strict=True)]
+        if self.adaptive:  # ‖T g‖ per parameter, one temporary at a time
+            grads = [_norm(self._metric(i).mul_(grad)) for i, grad in zip(indices, grads, strict=True)]
         shardings = [self._shardings[i] for i in indices]
         norm = sharded_squared_norm(grads, shardings, grads[0].device).sqrt()
-        if not bool(torch.isfinite(norm)):
-            self._skipped += 1
-            return
-        self._inverse_norm = 1.0 / (norm + self.tau)
+        # A non-finite gradient adds nothing (each weight keeps its value, see _apply) and is
+        # counted, all on the device: nothing waits for it.
+        self._finite = torch.isfinite(norm)
+        self._inverse_norm = torch.where(self._finite, 1.0 / (norm + self.tau), torch.zeros_like(norm))
+        if isinstance(self._skipped, torch.Tensor) and self._skipped.device == norm.device:
+            self._skipped.add_(~self._finite)
+        else:
+            self._skipped = (~self._finite).to(torch.int64) + self._skipped
         self._estimated = indices
 
     def _metric(self, index: int) -> torch.Tensor:
@@ -179,11 +191,13 @@ class L2Perturbation(Perturbation):
         backups = [self._backup_for(i) for i in indices]
         torch._foreach_copy_(backups, params)
         self._applied = list(indices)  # from here on restore() copies all of them back
-        for index, param, grad in zip(indices, params, grads, strict=True):
+        for index, param, grad, backup in zip(indices, params, grads, backups, strict=True):
             if self.adaptive:  # w ← w + T²g·ρ/‖Tg‖
                 param.add_(self._metric(index).square_().mul_(grad).mul_(scale.to(param.dtype)))
             else:
                 param.addcmul_(grad, scale)  # w ← w + g·ρ/‖g‖, fused: no temporary of ε
+            # a non-finite gradient (ε would carry inf/NaN): the weight keeps its value
+            torch.where(self._finite, param, backup, out=param)
 
     def _restore(self) -> None:
         if self._applied:

@@ -35,10 +35,12 @@ from lightning_nusam.checks import (
 from lightning_nusam.perturbations.base import DEFAULT_TAU, Perturbation, own_options
 from lightning_nusam.perturbations.exact import (
     LOW_PRECISION_DTYPES,
+    ExceptionBudget,
     RoundingExceptions,
     add_removably,
     remove_exactly,
     resolve_exact_restore,
+    restores_exactly,
 )
 from lightning_nusam.perturbations.power_iteration import (
     Products,
@@ -102,9 +104,38 @@ class _ShapeGroup:
     estimated_rows: list[int] = field(default_factory=list)
     applied_rows: list[int] = field(default_factory=list)
     exceptions: dict[int, RoundingExceptions] = field(default_factory=dict)
+    #: whether these matrices are restored exactly (chosen per dtype: a bf16 body keeps its
+    #: exact restore beside an fp32 head)
+    exact: bool = False
+    budgets: dict[int, ExceptionBudget] = field(default_factory=dict)
+    _indices: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
 
     def row_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum(tensor, self.sharding.group if self.sharding else None)
+
+    def rows_index(self, rows: list[int]) -> torch.Tensor:
+        """``rows`` as an index tensor on the vectors' device, made once per distinct set (a
+        tensor made from a Python list is a host-to-device copy, which waits for the device)."""
+        key = tuple(rows)
+        index = self._indices.get(key)
+        if index is None:
+            index = self._indices[key] = torch.tensor(rows, device=self.u.device)
+        return index
+
+    @property
+    def zero(self) -> torch.Tensor:
+        """A 0-d zero of the vectors' dtype and device (made once: ``where`` takes no Python
+        number together with ``out=``)."""
+        zero = self._indices.get(())
+        if zero is None:
+            zero = self._indices[()] = self.v.new_zeros(())
+        return zero
+
+    def start_vectors(self, rows: list[int]) -> torch.Tensor:
+        """The warm-start ``u`` of ``rows`` (a view when they are consecutive)."""
+        if rows == list(range(rows[0], rows[-1] + 1)):
+            return self.u[rows[0]:rows[-1] + 1]
+        return self.u.index_select(0, self.rows_index(rows))
 
 
 @dataclass
@@ -114,6 +145,12 @@ class _Estimate:
     u: torch.Tensor
     v: torch.Tensor
     sigma: torch.Tensor
+    #: tensors that are all finite exactly when ``u`` and ``v`` are (the norms that normalised them)
+    checks: tuple[torch.Tensor, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.checks:
+            self.checks = (self.u, self.v)
 
 
 class NuclearPerturbation(Perturbation):
@@ -136,6 +173,10 @@ class NuclearPerturbation(Perturbation):
             and segment embeddings of a language model). Off by default: a lookup table is not
             the weight matrix of a linear map (Algorithm 1 perturbs those), like the ViT's
             position embedding and class token, which the paper leaves alone.
+        foreach: do the bookkeeping of the power iteration (normalisations, guards, stores) once
+            per group of equally shaped matrices, with the matrix-vector products written into
+            one buffer per group (default), rather than per estimate as in the reference loop
+            (``False``). Both give the same ``ε`` (to the last bits of a norm's summation order).
         batched: run the power iteration as one ``bmm`` per group of equally shaped matrices
             (``True``), as a plain per-matrix loop (``False``), or batched for small matrices
             only (``"auto"``, default: at most ``AUTO_BATCH_MAX_NUMEL`` entries each); all give
@@ -144,7 +185,8 @@ class NuclearPerturbation(Perturbation):
         tau: τ of Algorithm 2.
         seed: seed of the random start vectors ``u``.
         exact_restore: make :meth:`restore` bit-exact. ``None`` (default) does so for bf16/fp16
-            weights, where ``w + ε − ε`` visibly rounds: the few entries a subtraction would not
+            weights, matrix by matrix (a bf16 body beside an fp32 head keeps it), where
+            ``w + ε − ε`` visibly rounds: the few entries a subtraction would not
             give back are found at ``perturb()`` time and only they are kept (see
             :mod:`~lightning_nusam.perturbations.exact`). fp32/fp64 weights then restore by an
             in-place ``addr_`` (no temporary, a last-bit rounding at most); ``True`` makes them
@@ -176,6 +218,7 @@ class NuclearPerturbation(Perturbation):
         "include_conv": lambda v: check_flag("include_conv", v),
         "include_embeddings": lambda v: check_flag("include_embeddings", v),
         "batched": lambda v: check_choice("batched", v, (True, False, "auto")),
+        "foreach": lambda v: check_flag("foreach", v),
         "max_stack_numel": lambda v: check_count("max_stack_numel", v, 1),
         "tau": lambda v: check_positive("tau", v),  # > 0 here: it keeps the normalisations finite
     }
@@ -194,6 +237,7 @@ class NuclearPerturbation(Perturbation):
         include_conv: bool = False,
         include_embeddings: bool = False,
         batched: bool | Literal["auto"] = "auto",
+        foreach: bool = True,
         max_stack_numel: int = DEFAULT_MAX_STACK_NUMEL,
         tau: float = DEFAULT_TAU,
         seed: int = 0,
@@ -202,6 +246,7 @@ class NuclearPerturbation(Perturbation):
         options = self.check_options(own_options(locals()))  # exclude None: DEFAULT_NUCLEAR_EXCLUDE
         self.power_iterations = options["power_iterations"]
         self.batched = options["batched"]
+        self.foreach = options["foreach"]
         self.max_stack_numel = options["max_stack_numel"]
         self.tau = options["tau"]
         self.seed = options["seed"]
@@ -235,11 +280,12 @@ class NuclearPerturbation(Perturbation):
 
     def _selection_changed(self, previous: dict[str, SelectedParameter]) -> None:
         """Group the selected matrices by shape, keeping the vectors of those selected before."""
-        self.exact_restore = resolve_exact_restore(self._exact_option, self._selected)
+        self.exact_restore = resolve_exact_restore(self._exact_option, self._selected)  # every matrix
         kept = {item.name: (group.u[row], group.v[row], row in group.estimated_rows)
                 for group in self._groups for row, item in enumerate(group.members)}  # the previous groups
         self._groups = self._build_groups(self._selected, self._shardings, self.seed)
         for group in self._groups:
+            group.exact = restores_exactly(self._exact_option, group.members[0].parameter.dtype)
             for row, item in enumerate(group.members):
                 if item.name not in kept:
                     continue
@@ -288,13 +334,22 @@ class NuclearPerturbation(Perturbation):
             estimates = self._replicated_power_iteration(replicas)
         if not estimates:
             return
-        finite = torch.stack(
-            [torch.isfinite(e.u).all() & torch.isfinite(e.v).all() for e in estimates]
-        ).all()
+        if self.foreach:
+            # u and v are finite exactly when the norms that normalised them are (a non-finite
+            # entry makes its row's norm non-finite): one check of a few numbers per matrix
+            checks = torch.cat([part.reshape(-1) for e in estimates for part in e.checks])
+            finite = checks.mul_(0).eq(0).all()  # x·0 is 0 for a finite x, NaN otherwise
+        else:
+            finite = torch.stack(
+                [torch.isfinite(e.u).all() & torch.isfinite(e.v).all() for e in estimates]
+            ).all()
         scales = self._matrix_scales([e.sigma for e in estimates])
         for estimate, scale in zip(estimates, scales, strict=True):
             self._store(estimate, finite, scale)
-        self._skipped = self._skipped + (~finite).to(torch.int64)
+        if isinstance(self._skipped, torch.Tensor) and self._skipped.device == finite.device:
+            self._skipped.add_(~finite)  # counted on the device: read only when asked for
+        else:
+            self._skipped = (~finite).to(torch.int64) + self._skipped
 
     def _apply(self, rho: float, repeat: bool) -> None:  # ε depends only on (u, v, ρ)
         for group in self._groups:
@@ -335,9 +390,12 @@ class NuclearPerturbation(Perturbation):
         n, m = group.u.shape[1], group.v.shape[1]
         batched = self.batched if self.batched != "auto" else n * m <= AUTO_BATCH_MAX_NUMEL
         reduce = group.row_reduce if group.sharding is not None else None
+        if self.foreach and (not batched or len(rows) == 1):
+            yield self._grouped_power_iteration(group, rows, reduce)
+            return
         if not batched or len(rows) == 1:
             grads = [self._grad_matrix(group, row) for row in rows]
-            u_start = group.u if len(rows) == len(group.members) else group.u[rows]
+            u_start = group.start_vectors(rows)
             u, v, sigma = looped_power_iteration(grads, u_start, self.power_iterations, self.tau, reduce)
             yield _Estimate(group, rows, u, v, sigma)
             return
@@ -345,10 +403,40 @@ class NuclearPerturbation(Perturbation):
         for start in range(0, len(rows), chunk):
             chunk_rows = rows[start : start + chunk]
             grads = torch.stack([self._grad_matrix(group, row) for row in chunk_rows])
-            u_start = group.u if len(chunk_rows) == len(group.members) else group.u[chunk_rows]
+            u_start = group.start_vectors(chunk_rows)
             u, v, sigma = batched_power_iteration(grads, u_start, self.power_iterations, self.tau, reduce)
             del grads
             yield _Estimate(group, chunk_rows, u, v, sigma)
+
+    def _grouped_power_iteration(self, group: _ShapeGroup, rows: list[int],
+                                 reduce: Callable[[torch.Tensor], object] | None) -> _Estimate:
+        """Algorithm 2 for ``rows`` of ``group``, each gradient read in place by one ``mv`` per
+        half-step that writes straight into a row of the group's ``(B, m)`` / ``(B, n)``
+        buffer; each normalisation is then one kernel for the whole group."""
+        grads = [self._grad_matrix(group, row) for row in rows]
+        n, m = group.u.shape[1], group.v.shape[1]
+        u = group.start_vectors(rows)
+        v_buffer = group.v.new_empty(len(rows), m)
+        u_buffer = group.u.new_empty(len(rows), n)
+        v_norm = sigma = u  # set by the first iteration (T ≥ 1)
+        for _ in range(self.power_iterations):
+            for i, grad in enumerate(grads):
+                torch.mv(grad.t(), u[i], out=v_buffer[i])  # Aᵀu (this rank's rows' share when sharded)
+            if reduce is not None:
+                reduce(v_buffer)
+            v_norm = torch.linalg.vector_norm(v_buffer, dim=1, keepdim=True)
+            v_buffer.div_(v_norm + self.tau)
+            for i, grad in enumerate(grads):
+                torch.mv(grad, v_buffer[i], out=u_buffer[i])
+            if reduce is None:
+                sigma = torch.linalg.vector_norm(u_buffer, dim=1)
+            else:
+                squared = u_buffer.square().sum(dim=1)
+                reduce(squared)
+                sigma = squared.sqrt()
+            u_buffer.div_(sigma.unsqueeze(1) + self.tau)
+            u = u_buffer
+        return _Estimate(group, rows, u_buffer, v_buffer, sigma, checks=(v_norm, sigma))
 
     def _replicated_power_iteration(self, replicas: dist.ProcessGroup) -> list[_Estimate]:
         """Algorithm 2 for the mean gradient over the data-parallel ``replicas`` from this
@@ -378,7 +466,7 @@ class NuclearPerturbation(Perturbation):
             chunk = max(1, self.max_stack_numel // (n * m)) if batched else len(rows)
             for start in range(0, len(rows), chunk):
                 chunk_rows, chunk_grads = rows[start:start + chunk], grads[start:start + chunk]
-                u_start = group.u if len(chunk_rows) == len(group.members) else group.u[chunk_rows]
+                u_start = group.start_vectors(chunk_rows)
                 numel = len(chunk_rows) * n * m
                 if batched and len(chunk_rows) > 1 and stacked_numel + numel <= self.max_stack_numel:
                     stacked_numel += numel
@@ -407,28 +495,43 @@ class NuclearPerturbation(Perturbation):
         """
         group, rows = estimate.group, estimate.rows
         keep_new_u = (finite & (estimate.sigma > 0)).unsqueeze(1)
-        v = estimate.v if scale is None else estimate.v * scale.unsqueeze(1)
-        v = torch.where(finite, v, torch.zeros_like(v))
-        if len(rows) == len(group.members):
-            group.u.copy_(torch.where(keep_new_u, estimate.u, group.u))
-            group.v.copy_(v)
+        if not self.foreach:  # the reference
+            v = estimate.v if scale is None else estimate.v * scale.unsqueeze(1)
+            v = torch.where(finite, v, torch.zeros_like(v))
+            if len(rows) == len(group.members):
+                group.u.copy_(torch.where(keep_new_u, estimate.u, group.u))
+                group.v.copy_(v)
+            else:
+                index = group.rows_index(rows)
+                group.u.index_copy_(0, index, torch.where(keep_new_u, estimate.u, group.u[index]))
+                group.v.index_copy_(0, index, v)
+            group.estimated_rows.extend(rows)
+            return
+        v = estimate.v.to(group.v.dtype) if scale is None else estimate.v * scale.unsqueeze(1)
+        if len(rows) == len(group.members):  # one kernel for each of u and v, written in place
+            torch.where(keep_new_u, estimate.u.to(group.u.dtype), group.u, out=group.u)
+            torch.where(finite, v, group.zero, out=group.v)
         else:
-            index = torch.tensor(rows, device=group.u.device)
-            group.u.index_copy_(0, index, torch.where(keep_new_u, estimate.u, group.u[index]))
-            group.v.index_copy_(0, index, v)
+            index = group.rows_index(rows)
+            group.u.index_copy_(0, index, torch.where(keep_new_u, estimate.u.to(group.u.dtype),
+                                                      group.u.index_select(0, index)))
+            group.v.index_copy_(0, index, torch.where(finite, v, group.zero).to(group.v.dtype))
         group.estimated_rows.extend(rows)
 
     def _add_rank_one(self, group: _ShapeGroup, row: int, rho: float) -> None:
         """``M ← M + ρ u vᵀ`` in place; an fp32 weight gets no ``n×m`` temporary unless exact."""
         weight = local(group.members[row].parameter.data)  # a sharded weight: this rank's rows
-        if self.exact_restore:
-            group.exceptions[row] = add_removably(weight, self._epsilon(group, row, rho, weight))
+        if group.exact:
+            budget = group.budgets.get(row)
+            if budget is None:
+                budget = group.budgets[row] = ExceptionBudget(weight.numel(), weight.device)
+            group.exceptions[row] = add_removably(weight, self._epsilon(group, row, rho, weight), budget)
         else:
             self._add_outer(group, row, weight, rho)
 
     def _remove_rank_one(self, group: _ShapeGroup, row: int, rho: float, weight: torch.Tensor) -> None:
         """``M ← M − ρ u vᵀ`` on ``weight`` (the parameter's local data, or a copy of it)."""
-        if self.exact_restore:
+        if group.exact:
             remove_exactly(weight, self._epsilon(group, row, rho, weight), group.exceptions[row])
         else:
             self._add_outer(group, row, weight, -rho)
@@ -533,5 +636,8 @@ class NuclearNormalizedPerturbation(NuclearPerturbation):
     """
 
     def _matrix_scales(self, sigmas: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        if self.foreach:
+            total = torch.linalg.vector_norm(torch.cat(sigmas)).add_(self.tau)
+            return [s / total for s in sigmas]
         total = torch.sqrt(sum(s.square().sum() for s in sigmas))
         return [s / (total + self.tau) for s in sigmas]
