@@ -269,6 +269,19 @@ def test_a_buffer_only_the_second_pass_changes_from_a_later_step_on_is_refused_n
         fit(lambda: CountsInTheSecondPass(from_step=2), [NuSAM(rho=0.1)], loader(classification_data()))
 
 
+class CountsFromStepTwo(CountsInTheSecondPass):
+    def loss(self, batch):
+        if sam_pass(self) == "first" and self.global_step >= 2:
+            self.second_passes += 1
+        return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+
+def test_state_a_first_pass_changes_only_from_a_later_step_on_is_named_in_a_warning_and_kept():
+    with pytest.warns(UserWarning, match=r"second_passes for the first time.*sam_pass"):
+        module = fit(CountsFromStepTwo, [NuSAM(rho=0.1)], loader(classification_data()))
+    assert int(module.second_passes) == 4  # steps 2..5, once each
+
+
 def test_batchnorm_update_keeps_its_documented_choice():
     def bn_net():
         module = Module()

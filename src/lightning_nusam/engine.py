@@ -432,10 +432,11 @@ class StepEngine:
         self.state_guard.drop()
         self._step = _Step(plan)
         if plan.two_pass:
-            self.state_guard.begin()
+            modules = list(self.model.named_modules())  # one walk for both
+            self.state_guard.begin(modules)
             if self.same_random_draws:
                 self._step.cuda_devices = self._cuda_devices()
-                self._step.generators = owned_generators(self.model)
+                self._step.generators = owned_generators(self.model, modules)
 
     def first_pass(self, passes: Passes, batch: Any, batch_idx: int, *, last: bool) -> torch.Tensor | None:
         """The first (or only) pass of one micro-batch, run through ``passes``."""

@@ -50,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import random
 import warnings
 from collections.abc import Iterator, Mapping, MutableMapping
@@ -64,22 +65,27 @@ FIX = ("update it in on_train_batch_end (after the step), or guard it with "
        "`if sam_pass(self) != 'second':` (lightning_nusam.sam_pass)")
 
 
-def _is_excluded(module: nn.Module) -> bool:
+@functools.cache
+def _is_excluded(module_type: type) -> bool:
     """Layers whose state has its own rule: BatchNorm (``batchnorm_update``) and torchmetrics
     metrics (their updates are undone as a whole by ``engine.metric_updates_undone``)."""
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+    if issubclass(module_type, nn.modules.batchnorm._BatchNorm):
         return True
     return any(cls.__name__ == "Metric" and cls.__module__.startswith("torchmetrics")
-               for cls in type(module).__mro__)
+               for cls in module_type.__mro__)
 
 
-def guarded_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+NamedModules = list[tuple[str, nn.Module]]
+
+
+def guarded_tensors(model: nn.Module, modules: NamedModules | None = None) -> dict[str, torch.Tensor]:
     """The tensors whose changes a second pass must not leave: every registered buffer and every
-    parameter with ``requires_grad=False`` (BatchNorm layers and metrics excepted), by name."""
+    parameter with ``requires_grad=False`` (BatchNorm layers and metrics excepted), by name.
+    ``modules``: ``list(model.named_modules())`` when the caller has it already."""
     found: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for prefix, module in model.named_modules():
-        if _is_excluded(module):
+    for prefix, module in model.named_modules() if modules is None else modules:
+        if _is_excluded(type(module)):
             continue
         for tensors, frozen_only in ((module._buffers, False), (module._parameters, True)):
             for name, tensor in tensors.items():
@@ -101,7 +107,12 @@ def version(tensor: torch.Tensor) -> int:
 
 
 def _mark(tensor: torch.Tensor) -> tuple[int, int]:
-    return version(tensor), tensor.data_ptr()
+    """The version and the storage address (0 for tensor subclasses without one, e.g. DTensor)."""
+    try:
+        address = tensor.data_ptr()
+    except RuntimeError:
+        address = 0
+    return version(tensor), address
 
 
 def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
@@ -136,11 +147,12 @@ class ModuleStateGuard:
         self._end: dict[str, torch.Tensor] = {}  # Sₖ of what the passes change
         self._warned: set[str] = set()
 
-    def begin(self) -> None:
+    def begin(self, modules: NamedModules | None = None) -> None:
         """Before the first pass: remember what the tensors are; copy those a first pass changes
-        (all of them, to the host, on the first two-pass step)."""
+        (all of them, to the host, on the first two-pass step). ``modules``: the model's
+        ``named_modules()`` when the caller has them."""
         self.drop()
-        self._tensors = guarded_tensors(self.model)
+        self._tensors = guarded_tensors(self.model, modules)
         self._marks = {name: _mark(t) for name, t in self._tensors.items()}
         if self.changed_by_first is None:
             self._census = {name: _host_copy(t) for name, t in self._tensors.items()}
@@ -155,7 +167,8 @@ class ModuleStateGuard:
         changed = {name for name, t in self._tensors.items() if _mark(t) != self._marks[name]}
         if self._census is not None:  # the first two-pass step: compare values too (``.data``)
             changed |= {name for name, t in self._tensors.items()
-                        if name not in changed and not torch.equal(self._census[name], t.detach().to("cpu"))}
+                        if name not in changed
+                        and not torch.equal(self._census[name], t.detach().to(self._census[name].device))}
             self.changed_by_first = set(changed)
         else:
             new = sorted(changed - self.changed_by_first)
@@ -263,12 +276,29 @@ def copy_batch(batch: Any, clone: bool | set[str] = True, path: str = "batch") -
 GENERATOR_TYPES = (np.random.Generator, np.random.RandomState, torch.Generator, random.Random)
 
 
-def owned_generators(model: nn.Module) -> list[Any]:
-    """The random generators held as attributes of ``model`` or its submodules."""
-    found, seen = [], set()
-    for module in model.modules():
-        for value in vars(module).values():
-            if isinstance(value, GENERATOR_TYPES) and id(value) not in seen:
+#: per type: whether values of it are generators (filled as types are met)
+_GENERATOR_TYPE: dict[type, bool] = {}
+
+
+@functools.cache
+def _may_own_generators(module_type: type) -> bool:
+    """PyTorch's own layers hold no generators; every other module type (the user's, timm's) may."""
+    return not module_type.__module__.startswith("torch.nn.")
+
+
+def owned_generators(model: nn.Module, modules: NamedModules | None = None) -> list[Any]:
+    """The random generators held as attributes of ``model`` or its submodules (``modules``:
+    ``list(model.named_modules())`` when the caller has it already)."""
+    found, seen, known = [], set(), _GENERATOR_TYPE
+    for _, module in model.named_modules() if modules is None else modules:
+        if not _may_own_generators(type(module)):
+            continue
+        for value in module.__dict__.values():
+            value_type = type(value)
+            is_generator = known.get(value_type)
+            if is_generator is None:
+                is_generator = known[value_type] = issubclass(value_type, GENERATOR_TYPES)
+            if is_generator and id(value) not in seen:
                 seen.add(id(value))
                 found.append(value)
     return found
