@@ -116,6 +116,29 @@ class EMATeacher(Module):
         return loss
 
 
+class EMATeacherThroughData(EMATeacher):
+    """The same teacher updated through ``.data``, as much published code does: by replacing the
+    storage (``t.data = ...``, seen by its address), or in place (``t.data.mul_``: no version
+    counter sees it; found by value on the first perturbed step only, a documented limit)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+
+    def loss(self, batch):
+        logits = self.student(batch[0])
+        with torch.no_grad():
+            target = self.teacher(batch[0]).softmax(-1)
+        distillation = (target * logits.log_softmax(-1)).sum(-1).mean()
+        loss = nn.functional.cross_entropy(logits, batch[1]) - distillation
+        for t, s in zip(self.teacher.parameters(), self.student.parameters(), strict=True):
+            if self.how == "in-place":
+                t.data.mul_(0.9).add_(s.data, alpha=0.1)
+            else:
+                t.data = t.data * 0.9 + s.data * 0.1
+        return loss
+
+
 class MoCo(Module):
     """A momentum key encoder and a queue of keys (MoCo v2), updated in training_step."""
 
@@ -206,6 +229,7 @@ STATEFUL = {
     "spectral-norm-hook": (lambda: SpectralNormNet("hook"), classification_data),
     "ema-teacher": (EMATeacher, classification_data),
     "moco-queue": (MoCo, classification_data),
+    "ema-teacher-data-replaced": (lambda: EMATeacherThroughData("replaced"), classification_data),
     "vq-ema-codebook": (VQVAE, classification_data),
     "diffusion-ema": (DiffusionWithEMA, classification_data),
 }

@@ -14,8 +14,9 @@ it owns. This module keeps each of them as one pass leaves them:
   the tensors a first pass changes are copied: nothing for a model whose passes change only
   BatchNorm statistics (frozen by ``batchnorm_update``). The first two-pass step has no such
   knowledge yet: it keeps one copy of every guarded tensor in host memory (the *census*), learns
-  from it what each pass changes (values too, for updates through ``.data`` that no counter
-  sees), and frees it at the end of that step.
+  from it what each pass changes (values too, for in-place updates through ``.data`` that no
+  counter sees: those are found only if they change a value on that step), and frees it at the
+  end of that step.
 - :func:`copy_batch`: a shallow copy of the batch's containers (dict, list, tuple, named tuple,
   dataclass, ``UserDict``-style mappings such as Hugging Face's ``BatchEncoding``) for the
   replay, with a clone of the tensors that change in place, learned the same way (every tensor
@@ -175,6 +176,8 @@ class ModuleStateGuard:
             if new:
                 self._warn_new(new)
                 self.changed_by_first |= set(new)
+            # what a first pass changed before, even where no counter sees it (``.data``)
+            changed |= self.changed_by_first & self._tensors.keys()
         to_keep = changed | (self.changed_by_second & self._tensors.keys())
         self._end = {name: self._tensors[name].detach().clone() for name in to_keep}
         with torch.no_grad():
