@@ -515,7 +515,7 @@ class SharpnessAwareCallback(Callback):
         kept = engine.micro_batches
         if len(kept) == 1:  # the step starts here: clear the previous gradients
             trainer.lightning_module.optimizer_zero_grad(trainer.current_epoch, kept[-1][1], optimizer)
-        engine.run_open_pass(passes)
+        engine.run_open_pass(passes, replayed_by_caller=True)  # the closure replays its own batch
         result = engine.second_pass(passes, optimizer, last_pass=lightning_closure)
         if isinstance(result, torch.Tensor):
             engine.record_loss(result.detach() * trainer.accumulate_grad_batches, "second")
@@ -752,7 +752,8 @@ def sam_pass(module: pl.LightningModule) -> PassName | None:
     """Which pass of a two-pass step is running: ``"first"`` (at ``w``), ``"second"`` (at
     ``w + ε``), or None (the only pass of a plain or one-pass step, or no sharpness-aware
     callback). For ``training_step``/``compute_loss`` code that should run once per step, e.g.
-    ``if sam_pass(self) != "second": self.log("train_loss", loss)``."""
+    ``if sam_pass(self) != "second": self.samples_seen += len(batch)`` (``self.log`` needs no
+    guard: it records nothing in the second pass)."""
     try:
         trainer = module.trainer
     except RuntimeError:  # not attached to a Trainer

@@ -23,10 +23,15 @@ next step from this gradient, and steps. A *plain* step (before the start, betwe
 ``every_n_steps``) is one pass at ``w``.
 
 What the user's loss code sees is kept as if it ran once: both passes draw the same random
-numbers and the random stream afterwards is a plain step's (``same_random_draws``); BatchNorm
-running statistics are updated by one pass (``batchnorm_update``); ``torchmetrics`` metrics in
-the model keep what the first pass added (the second pass's updates are undone); and with
-``ρ = 0`` the step gives exactly the weights of a plain step.
+numbers, from the global streams and the generators the model owns, and the random stream
+afterwards is a plain step's (``same_random_draws``); buffers and parameters that do not train
+are as the first pass left them, and the second pass starts from what the first pass saw
+(:class:`~lightning_nusam.pass_state.ModuleStateGuard`); the second pass replays the batch as
+given, whatever the first pass did to it (:func:`~lightning_nusam.pass_state.copy_batch`);
+BatchNorm running statistics are updated by one pass (``batchnorm_update``); ``torchmetrics``
+metrics in the model keep what the first pass added (the second pass's updates are undone); a
+LightningModule's ``self.log`` records nothing in the second pass; and with ``ρ = 0`` the step
+gives exactly the weights of a plain step.
 
 Lightning hands the micro-batches over one at a time and runs some passes itself, so the same
 step is also available in pieces: :meth:`~StepEngine.begin`, :meth:`~StepEngine.first_pass` (or
@@ -50,6 +55,15 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_nusam.checks import check_choice, check_count, check_flag
+from lightning_nusam.pass_state import (
+    ModuleStateGuard,
+    copy_batch,
+    generator_state,
+    muted_logging,
+    owned_generators,
+    set_generator_state,
+    version,
+)
 
 if TYPE_CHECKING:
     from lightning_nusam.perturbations import Perturbation
@@ -165,17 +179,19 @@ class LossPasses:
 @dataclass
 class RandomState:
     """The random streams a loss computation draws from: torch (CPU and the CUDA devices given),
-    numpy's and Python's global generators."""
+    numpy's and Python's global generators, and the generator objects given (those the model
+    owns, see :func:`~lightning_nusam.pass_state.owned_generators`; not part of a checkpoint)."""
 
     torch_cpu: torch.Tensor
     cuda: dict[int, torch.Tensor]
     numpy: Any
     python: Any
+    owned: list[tuple[Any, Any]] = field(default_factory=list)
 
     @classmethod
-    def capture(cls, cuda_devices: Sequence[int] = ()) -> RandomState:
+    def capture(cls, cuda_devices: Sequence[int] = (), generators: Sequence[Any] = ()) -> RandomState:
         return cls(torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in cuda_devices},
-                   np.random.get_state(), random.getstate())
+                   np.random.get_state(), random.getstate(), [(g, generator_state(g)) for g in generators])
 
     @classmethod
     def capture_all(cls) -> RandomState:
@@ -189,6 +205,8 @@ class RandomState:
             torch.cuda.set_rng_state(state, device)
         np.random.set_state(self.numpy)
         random.setstate(self.python)
+        for generator, state in self.owned:
+            set_generator_state(generator, state)
 
     def as_dict(self) -> dict[str, Any]:
         """For a checkpoint, in types a ``weights_only`` load accepts: ``cpu``, ``cuda`` (a list over
@@ -275,12 +293,30 @@ def metric_updates_undone(module: nn.Module) -> Iterator[None]:
 @dataclass
 class _MicroBatch:
     """A micro-batch of the step in progress: kept for the second pass, with the random state
-    its first pass started from and whether that pass ran a backward."""
+    its first pass started from and whether that pass ran a backward.
+
+    On a two-pass step ``replay`` is a copy of the batch's containers (with clones of the tensors
+    that change in place) and ``leaves`` its tensors as ``(path, original, copy)``; one pass gets
+    the batch as given, the other the copy (:func:`~lightning_nusam.pass_state.copy_batch`).
+    """
 
     batch: Any
     batch_idx: int
     random_state: RandomState | None = None
     backward: bool = False
+    replay: Any = None
+    leaves: list[tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    #: versions of the leaves (original, copy) when the first pass opened / closed
+    opened: list[tuple[int, int]] = field(default_factory=list)
+    closed: list[tuple[int, int]] = field(default_factory=list)
+    first_got_copy: bool = False
+
+    def versions(self) -> list[tuple[int, int]]:
+        return [(version(original), version(copied)) for _, original, copied in self.leaves]
+
+    def for_second_pass(self) -> Any:
+        """The batch object the engine's second pass gets: the one the first pass did not."""
+        return self.batch if self.first_got_copy else self.replay
 
 
 @dataclass
@@ -293,6 +329,10 @@ class _Step:
     random_state_after: RandomState | None = None
     #: the CUDA devices whose random streams the passes restore (looked up once per step)
     cuda_devices: list[int] = field(default_factory=list)
+    #: the random generators the model owns (looked up once per step)
+    generators: list[Any] = field(default_factory=list)
+    #: paths of batch tensors changed in place during the step (first pass, or by the loader)
+    changed_paths: set[str] = field(default_factory=set)
     estimated: bool = False
     perturbed: bool = False
 
@@ -373,6 +413,10 @@ class StepEngine:
         self._open: contextlib.ExitStack | None = None
         self._current: _MicroBatch | None = None
         self._current_is_last = False
+        #: keeps buffers and frozen parameters as one pass leaves them (see pass_state)
+        self.state_guard = ModuleStateGuard(model)
+        #: paths of batch tensors cloned for the replay (None: all, until the first two-pass step ends)
+        self.batch_clones: set[str] | None = None
 
     @property
     def perturbation_reduces(self) -> bool:
@@ -431,9 +475,14 @@ class StepEngine:
             raise ValueError("a perturbing plan needs a perturbation")
         if optimizer is not None and self.perturbation is not None:
             self.perturbation.restrict_to(optimizer_parameters(optimizer))
+        self.state_guard.drop()
         self._step = _Step(plan)
-        if plan.two_pass and self.same_random_draws:
-            self._step.cuda_devices = self._cuda_devices()
+        if plan.two_pass:
+            modules = list(self.model.named_modules())  # one walk for both
+            self.state_guard.begin(modules)
+            if self.same_random_draws:
+                self._step.cuda_devices = self._cuda_devices()
+                self._step.generators = owned_generators(self.model, modules)
 
     def first_pass(self, passes: Passes, batch: Any, batch_idx: int, *, last: bool) -> torch.Tensor | None:
         """The first (or only) pass of one micro-batch, run through ``passes``."""
@@ -458,7 +507,10 @@ class StepEngine:
         stack = contextlib.ExitStack()
         if plan.two_pass:
             if self.same_random_draws:
-                micro_batch.random_state = RandomState.capture(step.cuda_devices)
+                micro_batch.random_state = RandomState.capture(step.cuda_devices, step.generators)
+            clones = True if self.batch_clones is None else self.batch_clones
+            micro_batch.replay, micro_batch.leaves = copy_batch(batch, clones)
+            micro_batch.opened = micro_batch.versions()
             sync = last and self.sync_first_pass and not self.perturbation_reduces
             if self.batchnorm_update == "second":
                 stack.enter_context(frozen_running_stats(self.model))
@@ -474,12 +526,17 @@ class StepEngine:
         stack.enter_context(self._naming(name))
         self._open, self._current, self._current_is_last = stack, micro_batch, last
 
-    def run_open_pass(self, passes: Passes) -> torch.Tensor | None:
+    def run_open_pass(self, passes: Passes, *, replayed_by_caller: bool = False) -> torch.Tensor | None:
         """Run the micro-batch opened by :meth:`open_first_pass` through ``passes``, then
-        :meth:`close_pass`; its loss, or None when it gave none."""
+        :meth:`close_pass`; its loss, or None when it gave none. ``replayed_by_caller``: the
+        caller's own pass replays this micro-batch with the batch object as given (Lightning's
+        closure), so this first pass gets the engine's copy of it."""
         micro_batch = self._current
         try:
-            loss = passes.forward_backward(micro_batch.batch, micro_batch.batch_idx)
+            batch = micro_batch.batch
+            if replayed_by_caller and self.plan.two_pass:
+                batch, micro_batch.first_got_copy = micro_batch.replay, True
+            loss = passes.forward_backward(batch, micro_batch.batch_idx)
             if loss is not None:
                 self.after_backward()
                 self.record_loss(loss)
@@ -495,6 +552,8 @@ class StepEngine:
         stack, self._open = self._open, None
         stack.close()
         step, last = self._step, self._current_is_last
+        if step.plan.two_pass and self._current is not None:
+            self._check_first_pass_batch(self._current)
         if step.plan.one_pass and step.plan.perturb:
             self.perturbation.restore()
         if last and step.plan.two_pass and self.same_random_draws:
@@ -539,6 +598,8 @@ class StepEngine:
         trained = [m for m in kept if m.backward]
         by_caller = kept[-1] if last_pass is not None else None
         ours = [m for m in trained if m is not by_caller]
+        self._check_replayed_batches(kept)
+        self.state_guard.before_second_pass()
         if not trained:  # no loss in the step: no perturbation; the caller's pass still runs
             try:
                 if last_pass is None:
@@ -546,10 +607,13 @@ class StepEngine:
                 with self._second_pass_context(kept[-1], True, None):
                     return last_pass()
             finally:
-                self._restore_random_state(step.random_state_after)
-                self._current, self._current_is_last = None, False
-        replicas = self.replicas if self.perturbation_reduces else None
-        self.perturbation.perturb(step.plan.rho, replicas=replicas)
+                self._end_second_pass(step)
+        try:
+            replicas = self.replicas if self.perturbation_reduces else None
+            self.perturbation.perturb(step.plan.rho, replicas=replicas)
+        except BaseException:
+            self._end_second_pass(step)
+            raise
         step.perturbed = self.perturbation.is_perturbed
         result = None
         try:
@@ -558,7 +622,7 @@ class StepEngine:
                 for position, micro_batch in enumerate(ours):
                     last = position == len(ours) - 1 and (by_caller is None or not by_caller.backward)
                     with self._second_pass_context(micro_batch, last, passes):
-                        loss = passes.forward_backward(micro_batch.batch, micro_batch.batch_idx)
+                        loss = passes.forward_backward(micro_batch.for_second_pass(), micro_batch.batch_idx)
                         if loss is not None:
                             self.after_backward()
                             self.record_loss(loss, "second")
@@ -567,9 +631,19 @@ class StepEngine:
                         result = last_pass()
         finally:
             self.perturbation.restore()
-            self._restore_random_state(step.random_state_after)
-            self._current, self._current_is_last = None, False
+            self._end_second_pass(step)
         return result
+
+    def _end_second_pass(self, step: _Step) -> None:
+        """After the second passes (also on an exception): the random stream, the module state
+        and the batch copies as one pass leaves them."""
+        self._restore_random_state(step.random_state_after)
+        self._current, self._current_is_last = None, False
+        if self.batch_clones is None:  # the first two-pass step: what changes in place is known now
+            self.batch_clones = set(step.changed_paths)
+        for micro_batch in step.micro_batches:  # the copies are not needed anymore
+            micro_batch.replay, micro_batch.leaves = None, []
+        self.state_guard.after_second_pass()
 
     def before_optimizer_step(self) -> None:
         """Just before the optimizer steps: no ``ε`` may be left, and a one-pass step whose last
@@ -586,6 +660,7 @@ class StepEngine:
         global_step = self.steps_taken if global_step is None else global_step
         step = self._step
         self.close_pass()
+        self.state_guard.drop()
         self._step, self.current_pass = None, None
         first, second = (torch.stack(v).float().mean() if v else None for v in step.losses.values())
         if step.plan.two_pass and step.perturbed and not self.sync_first_pass:
@@ -599,6 +674,7 @@ class StepEngine:
             stack.close()
         if self.perturbation is not None:
             self.perturbation.restore()
+        self.state_guard.drop()
         self._step, self._current, self.current_pass = None, None, None
 
     def record_loss(self, loss: torch.Tensor, name: PassName | None = None) -> None:
@@ -646,6 +722,7 @@ class StepEngine:
                 stack.enter_context(frozen_running_stats(self.model))
             if micro_batch.random_state is not None:
                 micro_batch.random_state.restore()
+            stack.enter_context(muted_logging(self.model))
             stack.enter_context(self._naming("second"))
             self._current, self._current_is_last = micro_batch, last
             yield
@@ -657,6 +734,41 @@ class StepEngine:
             yield
         finally:
             self.current_pass = previous
+
+    def _check_first_pass_batch(self, micro_batch: _MicroBatch) -> None:
+        """After a micro-batch's first pass: the paths of its batch changed in place are learned
+        (first two-pass step) or were cloned for the replay; else the replay is lost: an error."""
+        if not micro_batch.leaves or micro_batch.closed:
+            return
+        micro_batch.closed = micro_batch.versions()
+        for (path, original, copied), before, after in zip(micro_batch.leaves, micro_batch.opened,
+                                                          micro_batch.closed, strict=True):
+            if before != after:
+                self._step.changed_paths.add(path)
+                if original is copied:
+                    raise RuntimeError(
+                        f"the first pass changed {path} (micro-batch {micro_batch.batch_idx}) in place, "
+                        "which it did not on the first perturbed step, so the second pass cannot see the "
+                        "batch as the loader gave it: change a copy (`x = x.sub(mean)`), or change it "
+                        "in place on every step")
+
+    def _check_replayed_batches(self, kept: list[_MicroBatch]) -> None:
+        """Before the second passes: a batch tensor changed in place after its first pass (a
+        loader that reuses its buffers) is learned (first two-pass step) or was cloned; else the
+        replay would see another micro-batch: an error."""
+        for micro_batch in kept:
+            if not micro_batch.closed:
+                continue
+            for (path, original, copied), (after, _) in zip(micro_batch.leaves, micro_batch.closed,
+                                                          strict=True):
+                if version(original) != after and not micro_batch.first_got_copy:
+                    self._step.changed_paths.add(path)
+                    if original is copied:
+                        raise RuntimeError(
+                            f"{path} of micro-batch {micro_batch.batch_idx} was changed in place after "
+                            "its first pass and before its second (a data loader that reuses its batch "
+                            "buffers?), which did not happen on the first perturbed step, so the second "
+                            "pass would replay other data: let the loader yield new tensors per batch")
 
     def _restore_random_state(self, state: RandomState | None) -> None:
         if state is not None:
