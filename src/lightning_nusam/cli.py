@@ -27,6 +27,7 @@ config end in one or two lines that name the option and the fix, not a traceback
 
 from __future__ import annotations
 
+import itertools
 import os
 import shlex
 import sys
@@ -185,7 +186,7 @@ def replacing_methods(arguments: list[str]) -> list[str]:
 def cli_main(args: list[str] | None = None, run: bool = True) -> NuSAMCLI:
     """Build (and with ``run``, execute) the CLI from ``args`` (default: ``sys.argv``)."""
     given = sys.argv[1:] if args is None else args
-    configs = tuple(value for flag, value in zip(given, given[1:], strict=False) if flag in ("-c", "--config"))
+    configs = tuple(value for flag, value in itertools.pairwise(given) if flag in ("-c", "--config"))
     if args is not None:
         args = replacing_methods(resolve_config_arguments(args))
     else:

@@ -44,7 +44,7 @@ from lightning_nusam.perturbations import Perturbation
 def _signature_help(perturbation: Any, base_optimizer: Any, unexpected: dict[str, Any]) -> str:
     """What to write instead of the davda54/sam signature ``SAM(params, torch.optim.SGD, rho=...,
     adaptive=..., lr=...)``, with the values given."""
-    if not isinstance(base_optimizer, type) and isinstance(perturbation, Perturbation):
+    if isinstance(perturbation, Perturbation):
         return f"SAMOptimizer got unexpected keyword arguments {sorted(unexpected)}"
     options = dict(unexpected)
     rho, adaptive = options.pop("rho", 0.05), options.pop("adaptive", False)
@@ -104,7 +104,7 @@ class SAMOptimizer(torch.optim.Optimizer):
     def __init__(self, perturbation: Perturbation, base_optimizer: torch.optim.Optimizer, *,
                  same_random_draws: bool = True, batchnorm_update: BatchNormUpdate = "first",
                  **unexpected: Any) -> None:
-        if unexpected or isinstance(base_optimizer, type):
+        if unexpected or (isinstance(base_optimizer, type) and not isinstance(perturbation, Perturbation)):
             raise TypeError(_signature_help(perturbation, base_optimizer, unexpected))
         if not isinstance(perturbation, Perturbation):
             raise TypeError("`perturbation` must be a lightning_nusam Perturbation (NuclearPerturbation, "
