@@ -345,22 +345,30 @@ MISTAKES = [
     (["fit", "-c", "quickstart", "--model.init_args.model_name", "vit_smal_patch16_224"],
      "`model_name` 'vit_smal_patch16_224' is not a timm model (did you mean vit_small_patch16_224"),
     (["memory", "--model", "resnt18"], "`--model` 'resnt18' is not a timm model (did you mean resnet18"),
-    (["memory", "--transformers", "bert"], "pip install 'lightning-nusam[text]'"),
     (["test", "-c", "quickstart", "--ckpt_path", "last"], "--ckpt_path last: no run under runs/quickstart"),
 ]
 
 
 @pytest.mark.parametrize(("argv", "expected"), MISTAKES, ids=[" ".join(a) for a, _ in MISTAKES])
 def test_a_mistake_ends_in_one_or_two_lines_naming_the_fix(argv, expected, tmp_path):
-    # `memory --transformers` as without the text extra: the import of transformers fails
-    hide = "import sys; sys.modules['transformers'] = None; " if "--transformers" in argv else ""
-    command = [sys.executable, "-c", f"{hide}from lightning_nusam.cli import main; main()", *argv]
+    command = [sys.executable, "-m", "lightning_nusam", *argv]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("Seed set")]
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and 1 <= len(lines) <= 2, result.stderr[-3000:]
     assert expected in lines[0], lines
     assert not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_memory_of_a_text_model_without_the_text_extra_names_the_extra(monkeypatch, capsys):
+    from lightning_nusam.cli import main
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as without the extra: the import fails
+    with pytest.raises(SystemExit) as ended:
+        main(["memory", "--transformers", "bert"])
+    assert ended.value.code == 2
+    assert capsys.readouterr().err == ("nusam: error: --transformers needs Hugging Face transformers, which "
+                                       "the `text` extra installs: pip install 'lightning-nusam[text]'\n")
 
 
 def test_configs_copy_refuses_to_replace_a_file_in_one_line(tmp_path):

@@ -54,7 +54,9 @@ def test_the_report_states_the_share_of_the_weights_it_covers(capsys):
     import timm
     import torch
 
-    report = nusam(["memory", "--model", "resnet18"])
+    from lightning_nusam.memory import main as memory
+
+    report = memory(["--model", "resnet18"])
     shown = capsys.readouterr().out
     with torch.device("meta"):
         model = timm.create_model("resnet18")

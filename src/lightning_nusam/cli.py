@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import shlex
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -103,6 +105,10 @@ class NuSAMCLI(LightningCLI):
         config = self.config[subcommand] if subcommand else self.config
         root = runs_root(config.get("trainer"))
         self.run_folder = assign_run_folder(config.get("trainer"), subcommand or "fit")
+        if self.run_folder is not None:
+            # the folder is new: the CSV logger finds only this run's config.yaml and events there
+            folder = re.escape(str(self.run_folder))
+            warnings.filterwarnings("ignore", message=f"Experiment logs directory {folder} exists and is not")
         ckpt_path = config.get("ckpt_path")
         resolved = resolve_checkpoint(ckpt_path, root)
         if resolved != ckpt_path:
