@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test lint docs docs-check demo bench gpu-check clean
+.PHONY: install test test-oldest lint docs docs-check demo bench gpu-check clean
 
 # make bench BENCH_ARGS=--full   (or --accumulation, --cheaper-steps, --device cuda --precision bf16 ...)
 BENCH_ARGS ?=
@@ -38,6 +38,32 @@ docs-check: install
 
 test: install lint docs-check
 	$(PY) -m pytest
+
+# The oldest versions pyproject.toml allows (.ci/oldest-requirements.txt; the tests run on CPU),
+# in a virtualenv of their own kept under the user's cache between runs (a new lock makes a
+# new one); the package is installed into it from this clone (editable, without dependencies) at
+# every run. A stated subset of the suite covers every public module (the doctests of src/ too;
+# not the wheel's build and install, nor the example scripts, which the newest run covers);
+# not FSDP2 (the fsdp2 config and tests/test_fsdp.py: torch's public fully_shard is newer than 2.3).
+# .ci/run calls it after `make test`.
+OLDEST_LOCK := .ci/oldest-requirements.txt
+OLDEST_VENV ?= $(HOME)/.cache/lightning-nusam/venv-oldest-$(shell sha256sum $(OLDEST_LOCK) | cut -c1-12)
+OLDEST_TESTS ?= tests/test_nuclear.py tests/test_power_iteration.py tests/test_l2_and_gaussian.py \
+	tests/test_engine.py tests/test_policy.py tests/test_schedules.py tests/test_sam_optimizer.py \
+	tests/test_fabric.py tests/test_lightning_step.py tests/test_dropin.py tests/test_accumulation.py \
+	tests/test_configs_and_cli.py tests/test_memory_and_bench.py tests/test_models_and_data.py src
+
+# no prerequisite: the folder's name holds the lock's hash (a fresh clone's newer files must not
+# make it again)
+$(OLDEST_VENV)/.installed:
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install --quiet --no-deps -r $(OLDEST_LOCK)
+	touch $@
+
+test-oldest: $(OLDEST_VENV)/.installed
+	$(OLDEST_VENV)/bin/python -m pip list --format=freeze | grep -iE '^(torch|torchvision|lightning|timm|torchmetrics|jsonargparse|numpy)=='
+	$(OLDEST_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	$(OLDEST_VENV)/bin/python -m pytest -q -p no:cacheprovider -k "not fsdp2" $(OLDEST_TESTS)
 
 demo: $(VENV)/.installed-demo
 	$(PY) -m lightning_nusam.demo

@@ -333,6 +333,88 @@ def test_every_documented_command_runs(where, command, documented_world, fake_ci
 def test_the_documented_commands_were_found():
     commands = [c for _, c in COMMANDS]
     assert "nusam fit -c quickstart -c methods/sam" in commands
-    assert "nusam test -c quickstart --ckpt_path runs/quickstart/checkpoints/last.ckpt" in commands
+    assert any(c.startswith("nusam test -c quickstart --ckpt_path ") for c in commands)
     assert any(c.startswith("nusam memory") for c in commands) and "nusam configs" in commands
     assert sum(where != "README" for where, _ in COMMANDS) >= 20  # the config headers
+
+
+# mistakes end in a short message, runs do not mix ------------------------------------------------
+MISTAKES = [
+    (["fit", "-c", "quickstrat"], "did you mean quickstart"),
+    (["fit", "-c", "quickstart", "--method.rho", "-1"], "--method.rho: `rho` must be a finite number >= 0"),
+    (["fit", "-c", "quickstart", "--method.rho=abc"], "--method.rho: expected a float, got value: abc"),
+    (["fit", "-c", "quickstart", "--model.init_args.model_name", "vit_smal_patch16_224"],
+     "`model_name` 'vit_smal_patch16_224' is not a timm model (did you mean vit_small_patch16_224"),
+    (["memory", "--model", "resnt18"], "`--model` 'resnt18' is not a timm model (did you mean resnet18"),
+    (["test", "-c", "quickstart", "--ckpt_path", "last"], "--ckpt_path last: no run under runs/quickstart"),
+]
+
+
+@pytest.mark.parametrize(("argv", "expected"), MISTAKES, ids=[" ".join(a) for a, _ in MISTAKES])
+def test_a_mistake_ends_in_one_or_two_lines_naming_the_fix(argv, expected, tmp_path):
+    command = [sys.executable, "-m", "lightning_nusam", *argv]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("Seed set")]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and 1 <= len(lines) <= 2, result.stderr[-3000:]
+    assert expected in lines[0], lines
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_memory_of_a_text_model_without_the_text_extra_names_the_extra(monkeypatch, capsys):
+    from lightning_nusam.cli import main
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as without the extra: the import fails
+    with pytest.raises(SystemExit) as ended:
+        main(["memory", "--transformers", "bert"])
+    assert ended.value.code == 2
+    assert capsys.readouterr().err == ("nusam: error: --transformers needs Hugging Face transformers, which "
+                                       "the `text` extra installs: pip install 'lightning-nusam[text]'\n")
+
+
+def test_configs_copy_refuses_to_replace_a_file_in_one_line(tmp_path):
+    command = [sys.executable, "-m", "lightning_nusam", "configs", "copy", "quickstart"]
+    first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0 and (tmp_path / "quickstart.yaml").is_file(), first.stderr
+    (tmp_path / "quickstart.yaml").write_text("# mine\n")
+    second = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+    assert "quickstart.yaml exists" in second.stderr and "--to" in second.stderr
+    assert (tmp_path / "quickstart.yaml").read_text() == "# mine\n"
+
+
+def test_each_fit_has_its_own_run_folder_and_test_keeps_the_training_log(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    short = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+             "--trainer.limit_test_batches=1", "--trainer.enable_progress_bar=false"]
+    for _ in range(2):
+        cli_main(["fit", "-c", "quickstart", *short])
+    runs = Path("runs/quickstart")
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]
+    for folder in runs.iterdir():  # checkpoints, CSV, TensorBoard events and config together
+        names = {p.name for p in folder.iterdir()}
+        assert {"checkpoints", "metrics.csv", "config.yaml", "hparams.yaml"} <= names
+        assert any(folder.glob("events.out.tfevents.*")) and (folder / "checkpoints" / "last.ckpt").is_file()
+    shown = capsys.readouterr().out
+    assert "this run: runs/quickstart/version_1" in shown
+    assert "nusam test -c quickstart --ckpt_path runs/quickstart/version_1/checkpoints/last.ckpt" in shown
+    logs = {path: path.read_bytes() for path in runs.rglob("*") if path.is_file()}
+
+    tested = cli_main(["test", "-c", "quickstart", "--ckpt_path", "last", *short])
+    assert tested.trainer.ckpt_path == str(runs / "version_1" / "checkpoints" / "last.ckpt")
+    # the flat path of the earlier layout is the newest run's file
+    old = cli_main(["validate", "-c", "quickstart", "--ckpt_path", "runs/quickstart/checkpoints/last.ckpt",
+                    *short])
+    assert old.trainer.ckpt_path == str(runs / "version_1" / "checkpoints" / "last.ckpt")
+    assert all(path.read_bytes() == content for path, content in logs.items())  # nothing replaced
+    assert (runs / "test" / "version_0" / "metrics.csv").is_file()
+    assert (runs / "validate" / "version_0" / "metrics.csv").is_file()
+
+
+def test_the_top_level_namespace_is_the_public_api():
+    public = set(lightning_nusam.__all__)
+    assert set(dir(lightning_nusam)) == public
+    assert {"NuSAM", "SAM", "SAMON", "SAMMixin", "NuclearPerturbation", "__version__"} <= public
+    assert not any(name in public for name in ("importlib", "annotations", "TYPE_CHECKING", "Any"))
+    for name in public:
+        assert getattr(lightning_nusam, name) is not None

@@ -48,3 +48,20 @@ def test_ddp_communication_benchmark_counts_what_a_step_sends(tmp_path):
     assert 1.9 < rows["sam"]["bytes_per_step"] / adamw < 2.1  # the gradient, twice
     assert rows["nusam_vectors"]["bytes_per_step"] / adamw < 1.05  # the gradient once, and vectors
     assert "| unlimited | nusam_vectors |" in (tmp_path / "ddp_communication_cpu.md").read_text()
+
+
+def test_the_report_states_the_share_of_the_weights_it_covers(capsys):
+    import timm
+    import torch
+
+    from lightning_nusam.memory import main as memory
+
+    report = memory(["--model", "resnet18"])
+    shown = capsys.readouterr().out
+    with torch.device("meta"):
+        model = timm.create_model("resnet18")
+    fc = model.fc.weight.numel()  # the one matrix νSAM perturbs in a ResNet (the rest are convolutions)
+    total = sum(p.numel() for p in model.parameters())
+    assert report.perturbed_matrices == 1 and report.covered == fc
+    assert report.coverage == pytest.approx(fc / total)
+    assert f"{100 * fc / total:.1f} % of the weights" in shown and "SAM perturbs all of them" in shown

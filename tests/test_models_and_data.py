@@ -31,10 +31,13 @@ def test_demo_reaches_90_percent_and_nusam_resists_label_noise(tmp_path, monkeyp
     assert summary["noise_fraction"] == pytest.approx(0.4, abs=1e-3)
     assert summary["noise_memorised_AdamW"] > 0.5 and summary["noise_memorised_νSAM"] < 0.2
     assert summary["noise_test_acc1_νSAM"] > summary["noise_test_acc1_AdamW"] + 0.1
-    run = tmp_path / "runs" / "quickstart"
+    run = tmp_path / "runs" / "quickstart" / "version_0"  # one folder per run
     assert (run / "curves.png").stat().st_size > 10_000
-    assert (run / "csv" / "metrics.csv").is_file() and any((run / "tensorboard").iterdir())
-    assert (tmp_path / "runs" / "quickstart_noise" / "comparison.png").stat().st_size > 10_000
+    assert (run / "metrics.csv").is_file() and any(run.glob("events.out.tfevents.*"))
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    noise = tmp_path / "runs" / "quickstart_noise"  # AdamW, then νSAM
+    assert (noise / "version_1" / "comparison.png").stat().st_size > 10_000
+    assert (noise / "version_0" / "metrics.csv").is_file() and (noise / "version_1" / "metrics.csv").is_file()
     output = capsys.readouterr().out
     assert "test accuracy, AdamW" in output and "wrong labels fit" in output
 
@@ -97,6 +100,17 @@ def test_cifar_torchvision_path_reads_the_python_batches(tmp_path, monkeypatch):
     data.setup("fit")
     assert len(data.train_set) == 20 and len(data.test_set) == 4
     assert data.train_set.images.shape == (20, 3, 32, 32) and data.train_set.images.dtype == torch.uint8
+
+
+def test_packaged_digits_are_scikit_learns_bundled_digits():
+    datasets = pytest.importorskip("sklearn.datasets")  # the source of the packaged file
+    from lightning_nusam.data import load_digits
+
+    reference = datasets.load_digits()
+    images, labels = load_digits()
+    assert images.dtype == torch.uint8 and labels.dtype == torch.int64
+    assert torch.equal(images.double(), torch.from_numpy(reference.images))
+    assert torch.equal(labels, torch.from_numpy(reference.target).long())
 
 
 def test_digits_split_is_fixed_and_disjoint():

@@ -191,3 +191,19 @@ def test_gradients_present_when_step_closure_begins_are_reported():
     nn.functional.cross_entropy(net(x), y).backward()  # e.g. accumulated micro-batches
     with pytest.warns(UserWarning, match="already present"):
         optimizer.step(lambda: nn.functional.cross_entropy(net(x), y).backward())
+
+
+def test_the_davda54_signature_is_recognised_and_rewritten():
+    net = make_net()
+    with pytest.raises(TypeError) as refused:
+        SAMOptimizer(net.parameters(), torch.optim.SGD, rho=0.1, lr=0.05, momentum=0.9)
+    rewritten = ("SAMOptimizer(NuclearPerturbation(model, rho=0.1), "
+                 "torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))")
+    assert "davda54/sam" in str(refused.value) and rewritten in str(refused.value)
+    with pytest.raises(TypeError, match=r"L2Perturbation\(model, rho=0.05, adaptive=True\)"):
+        SAMOptimizer(net.parameters(), torch.optim.SGD, rho=0.05, adaptive=True, lr=0.1)
+    # the written call works
+    model = net
+    optimizer = eval(rewritten, {"SAMOptimizer": SAMOptimizer, "NuclearPerturbation": NuclearPerturbation,
+                                 "torch": torch, "model": model})
+    assert optimizer.perturbation.rho == 0.1 and optimizer.param_groups[0]["momentum"] == 0.9

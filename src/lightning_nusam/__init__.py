@@ -1,13 +1,20 @@
 """lightning-nusam: νSAM (nuclear-norm sharpness-aware minimization) for PyTorch and Lightning.
 
 The pure-PyTorch core (``lightning_nusam.perturbations``) does not import Lightning: the names
-below that need it (the callbacks, the mixin) are imported on first use (PEP 562).
+below that need it (the callbacks, the mixin) are imported on first use (PEP 562). ``dir()`` and
+``__all__`` list the public names only; the rest lives in the submodules (``lightning_nusam.optim``,
+``.fabric``, ``.models``, ``.data``, ``.perturbations``, ``.cli``, ``.memory``).
+
+Example:
+    >>> import lightning_nusam
+    >>> dir(lightning_nusam) == sorted(lightning_nusam.__all__)
+    True
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+import importlib as _importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.3.0"
 
@@ -68,13 +75,14 @@ if TYPE_CHECKING:
     )
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name not in _LAZY:
         raise AttributeError(f"module 'lightning_nusam' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
+    value = getattr(_importlib.import_module(_LAZY[name]), name)
     globals()[name] = value  # later lookups skip this function
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    """The public names (not the helpers of this file, nor the submodules imported so far)."""
+    return sorted(__all__)

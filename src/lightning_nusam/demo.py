@@ -1,6 +1,6 @@
 """``make demo``: what νSAM costs and what it buys, on this machine, in about a minute.
 
-1. The ``quickstart`` config: a small MLP-Mixer on scikit-learn's bundled 8×8 digits, two epochs
+1. The ``quickstart`` config: a small MLP-Mixer on the 8×8 digits shipped in the package, two epochs
    of plain AdamW then νSAM; it is tested on the best checkpoint, and the summary gives the
    memory the perturbation holds against SAM's copy of the weights and the time per step.
 2. The ``quickstart_noise`` config: the same model with 40 % of the training labels replaced by
@@ -9,15 +9,17 @@
 
 Run ``python -m lightning_nusam.demo`` (the packaged configs; ``--config``/``--noise-config`` take
 other names or files; other arguments go to LightningCLI for the first part). Outputs go to the
-working directory: ``runs/quickstart`` (CSV and TensorBoard logs, checkpoints, ``curves.png``) and
-``runs/quickstart_noise`` (logs, ``comparison.png``). Needs the ``demo`` extra
-(``pip install "lightning-nusam[demo]"``: scikit-learn for the digits, matplotlib for the plots).
+working directory, one folder per run: ``runs/quickstart/version_N`` (CSV and TensorBoard logs,
+checkpoints, ``curves.png``) and ``runs/quickstart_noise/version_N`` (the AdamW run, then the νSAM
+run with ``comparison.png``). Runs on the base install; the plots need matplotlib
+(``pip install "lightning-nusam[demo]"``), without it they are skipped with a line saying so.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import math
 import resource
 import statistics
@@ -27,10 +29,12 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
 
 from lightning_nusam.callbacks import SharpnessAwareCallback
 from lightning_nusam.cli import cli_main
 from lightning_nusam.data import measure_noise_fit
+from lightning_nusam.usage import MissingExtraError
 
 
 class StepTimer(Callback):
@@ -99,11 +103,20 @@ def plot_curves(metrics: dict[str, list[tuple[int, float]]], start_step: int | N
     plt.close(figure)
 
 
+#: printed when the plots are skipped
+NO_PLOTS = "plots skipped: matplotlib is not installed (pip install 'lightning-nusam[demo]' draws them)"
+
+
+def has_matplotlib() -> bool:
+    """Whether the plots can be drawn (the ``demo`` extra)."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def require_matplotlib():
     try:
         import matplotlib
     except ImportError as error:
-        raise ModuleNotFoundError(
+        raise MissingExtraError(
             "the demo's plots need matplotlib: pip install 'lightning-nusam[demo]'"
         ) from error
     return matplotlib
@@ -150,11 +163,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     held, sam_would_hold = sam.perturbation.held_numel(), sum(
         p.numel() for p in model.parameters() if p.requires_grad
     )
-    root = Path(trainer.default_root_dir)
+    root = Path(trainer.log_dir or trainer.default_root_dir)
     start_step = sam.start_step
-    csv_logger = next((lg for lg in trainer.loggers if type(lg).__name__ == "CSVLogger"), None)
-    plot_path = root / "curves.png"
-    if csv_logger is not None:
+    csv_logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
+    plot_path: Path | None = root / "curves.png"
+    if csv_logger is None or not has_matplotlib():
+        plot_path = None
+    else:
         plot_curves(read_metrics(Path(csv_logger.log_dir) / "metrics.csv"), start_step, plot_path)
 
     summary = {
@@ -179,8 +194,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             summary[f"noise_best_epoch_{name}"] = 1 + run["history"].index(max(run["history"]))
         summary["noise_fraction"] = runs["νSAM"]["noise"]
         summary["noise_rho"] = runs["νSAM"]["rho"]
-        comparison_path = runs["νSAM"]["root"] / "comparison.png"
-        plot_comparison(runs, comparison_path)
+        if has_matplotlib():
+            comparison_path = runs["νSAM"]["root"] / "comparison.png"
+            plot_comparison(runs, comparison_path)
     print_summary(summary, type(sam).__name__, root, plot_path, comparison_path)
     return summary
 
@@ -203,7 +219,7 @@ def noisy_run(config: str, with_sam: bool) -> dict:
         "history": history.accuracy,
         "noise": noisy.fraction,
         "rho": sam.rho,
-        "root": Path(trainer.default_root_dir),
+        "root": Path(trainer.log_dir or trainer.default_root_dir),
     }
 
 
@@ -238,7 +254,7 @@ def plot_comparison(runs: dict[str, dict], path: Path) -> None:
     plt.close(figure)
 
 
-def print_summary(summary: dict[str, float], method: str, root: Path, plot_path: Path,
+def print_summary(summary: dict[str, float], method: str, root: Path, plot_path: Path | None,
                   comparison_path: Path | None) -> None:
     rows = [
         ("test accuracy (best checkpoint)", f"{100 * summary['test_acc1']:.2f} %"),
@@ -269,9 +285,11 @@ def print_summary(summary: dict[str, float], method: str, root: Path, plot_path:
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
     print("-" * (width + 30))
-    print(f"logs and checkpoints: {root}/   curves: {plot_path}")
+    print(f"logs and checkpoints: {root}/" + (f"   curves: {plot_path}" if plot_path else ""))
     if comparison_path is not None:
         print(f"label noise, AdamW vs {method}: {comparison_path}")
+    if not has_matplotlib():
+        print(NO_PLOTS)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from lightning_nusam.perturbations.selection import (
     is_embedding_table,
     owned_parameters,
 )
+from lightning_nusam.usage import MissingExtraError, check_timm_model
 
 #: How many of the largest parameters left out the report names.
 LEFT_OUT_SHOWN = 10
@@ -47,6 +48,16 @@ class MemoryReport:
     left_out: list[tuple[str, tuple[int, ...], str]] = field(default_factory=list)
 
     @property
+    def covered(self) -> int:
+        """Weights in the matrices νSAM perturbs (SAM perturbs all ``parameters``)."""
+        return sum(torch.Size(shape).numel() for _, shape in self.counted)
+
+    @property
+    def coverage(self) -> float:
+        """The share of the trainable weights that νSAM perturbs."""
+        return self.covered / self.parameters if self.parameters else 0.0
+
+    @property
     def perturbation_saving(self) -> float:
         return 1 - self.nusam_perturbation / self.sam_perturbation
 
@@ -59,6 +70,7 @@ class MemoryReport:
 
 def memory_report(model_name: str, **model_kwargs) -> MemoryReport:
     """Build the timm model ``model_name`` on the meta device and count what SAM and νSAM hold."""
+    check_timm_model(model_name, "--model")
     with torch.device("meta"):
         model = timm.create_model(model_name, **model_kwargs)
     return count(model_name, model)
@@ -67,7 +79,12 @@ def memory_report(model_name: str, **model_kwargs) -> MemoryReport:
 def transformers_memory_report(config: str, num_labels: int = 2) -> MemoryReport:
     """The same for a Hugging Face sequence classifier, from a local ``config.json`` (or the
     directory holding it), or from the default config of a model type (``bert`` = BERT-base)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    try:
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+    except ModuleNotFoundError as error:
+        raise MissingExtraError(
+            "--transformers needs Hugging Face transformers, which the `text` extra installs: "
+            "pip install 'lightning-nusam[text]'") from error
 
     path = Path(config).expanduser()
     if path.exists():
@@ -114,7 +131,14 @@ def format_report(report: MemoryReport, bytes_per_number: int = 4) -> str:
         f"| SAM perturbation (a copy of the weights) | {size(report.sam_perturbation)} |",
         f"| νSAM perturbation (u, v of {report.perturbed_matrices} matrices) | "
         f"{size(report.nusam_perturbation)} |",
+        f"| weights νSAM perturbs (SAM: all) | {report.covered:,} ({100 * report.coverage:.1f} % of the "
+        "weights) |",
         f"| saving on the perturbation | {100 * report.perturbation_saving:.2f} % |",
+        "",
+        f"νSAM perturbs {report.perturbed_matrices} matri{'x' if report.perturbed_matrices == 1 else 'ces'} "
+        f"holding {100 * report.coverage:.1f} % of the weights; SAM perturbs all of them"
+        + (" (the saving compares different coverage: see what is not perturbed below)."
+           if report.coverage < 0.5 else "."),
         "",
         "Training state (weights + gradients + optimizer state + perturbation):",
         "",
@@ -161,7 +185,8 @@ def main(argv: list[str] | None = None) -> MemoryReport:
     else:
         report = memory_report(args.model, **json.loads(args.model_kwargs))
     if args.json:
-        print(json.dumps({**asdict(report), "training_state": {
+        print(json.dumps({**asdict(report), "covered": report.covered, "coverage": report.coverage,
+                          "training_state": {
             name: report.training_state(name) for name in OPTIMIZER_STATE_PER_WEIGHT}}, indent=2))
     else:
         print(format_report(report))

@@ -47,6 +47,25 @@ from lightning_nusam.engine import (
 from lightning_nusam.perturbations import Perturbation
 
 
+def _signature_help(perturbation: Any, base_optimizer: Any, unexpected: dict[str, Any]) -> str:
+    """What to write instead of the davda54/sam signature ``SAM(params, torch.optim.SGD, rho=...,
+    adaptive=..., lr=...)``, with the values given."""
+    if isinstance(perturbation, Perturbation):
+        return f"SAMOptimizer got unexpected keyword arguments {sorted(unexpected)}"
+    options = dict(unexpected)
+    rho, adaptive = options.pop("rho", 0.05), options.pop("adaptive", False)
+    method = f"L2Perturbation(model, rho={rho!r}, adaptive=True)" if adaptive else \
+        f"NuclearPerturbation(model, rho={rho!r})"
+    name = getattr(base_optimizer, "__name__", type(base_optimizer).__name__)
+    module = getattr(base_optimizer, "__module__", "torch.optim")
+    module = "torch.optim" if module.startswith("torch.optim") else module
+    base = ", ".join(["model.parameters()", *(f"{key}={value!r}" for key, value in options.items())])
+    return ("SAMOptimizer(params, OptimizerClass, rho=..., ...) is the signature of davda54/sam; here the "
+            "method is built on the model and the base optimizer is an instance: "
+            f"SAMOptimizer({method}, {module}.{name}({base})) (L2Perturbation(model, rho=...) is SAM's "
+            "perturbation, adaptive=True ASAM)")
+
+
 class SAMOptimizer(torch.optim.Optimizer):
     """A sharpness-aware optimizer: a perturbation around a base optimizer.
 
@@ -92,7 +111,10 @@ class SAMOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, perturbation: Perturbation, base_optimizer: torch.optim.Optimizer, *,
-                 same_random_draws: bool = True, batchnorm_update: BatchNormUpdate = "first") -> None:
+                 same_random_draws: bool = True, batchnorm_update: BatchNormUpdate = "first",
+                 **unexpected: Any) -> None:
+        if unexpected or (isinstance(base_optimizer, type) and not isinstance(perturbation, Perturbation)):
+            raise TypeError(_signature_help(perturbation, base_optimizer, unexpected))
         if not isinstance(perturbation, Perturbation):
             raise TypeError("`perturbation` must be a lightning_nusam Perturbation (NuclearPerturbation, "
                             f"L2Perturbation, ...), got {type(perturbation).__name__}")

@@ -19,6 +19,8 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
+from lightning_nusam.usage import ConfigNotFoundError, DestinationExistsError, did_you_mean
+
 _CONFIG_FLAGS = ("-c", "--config")
 
 
@@ -46,13 +48,21 @@ def resolve_config(value: str) -> str:
     """
     if Path(value).expanduser().is_file() or not _looks_like_a_name(value):
         return value
+    return str(packaged_config(value))
+
+
+def packaged_config(value: str) -> Path:
+    """The packaged config named ``value`` (``quickstart``, ``configs/methods/nusam.yaml``, ...),
+    whether or not a file of that name exists here; a :class:`ConfigNotFoundError` naming the
+    closest names otherwise."""
     name = value.removeprefix("configs/").removesuffix(".yaml")
     candidate = config_directory() / f"{name}.yaml"
     if candidate.is_file():
-        return str(candidate)
-    raise FileNotFoundError(
-        f"config {value!r}: no such file here, and no packaged config of that name. Packaged configs: "
-        + ", ".join(available_configs())
+        return candidate
+    names = available_configs()
+    raise ConfigNotFoundError(
+        f"config {value!r}: no such file here, and no packaged config of that name"
+        f"{did_you_mean(name, names)}; `nusam configs` lists the {len(names)} packaged configs"
     )
 
 
@@ -76,15 +86,14 @@ def resolve_config_arguments(arguments: list[str]) -> list[str]:
 
 def copy_config(name: str, destination: Path | None = None) -> Path:
     """Copy the packaged config ``name`` to ``destination`` (default: ``./<its file name>``)."""
-    source = Path(resolve_config(name if name.endswith(".yaml") else f"{name}.yaml"))
-    if config_directory() not in source.parents:
-        raise FileNotFoundError(f"{name!r} is not a packaged config; packaged: "
-                                f"{', '.join(available_configs())}")
+    source = packaged_config(name)
     target = Path(destination) if destination is not None else Path.cwd() / source.name
     if target.is_dir():
         target = target / source.name
     if target.exists():
-        raise FileExistsError(f"{target} exists; pass another destination (--to)")
+        raise DestinationExistsError(
+            f"{target} exists and is left as it is; copy to another file with "
+            f"`nusam configs copy {name} --to OTHER.yaml`, or remove it first")
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, target)
     return target

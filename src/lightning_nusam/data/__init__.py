@@ -6,6 +6,7 @@ from lightning_nusam.data.datamodules import (
     CIFARDataModule,
     DigitsDataModule,
     ImageArrayDataset,
+    load_digits,
     load_npz,
 )
 from lightning_nusam.data.label_noise import NoiseFit, NoisyLabels, measure_noise_fit, symmetric_label_noise
@@ -24,6 +25,7 @@ __all__ = [
     "ResumableDataLoader",
     "ResumableSampler",
     "TextClassificationDataModule",
+    "load_digits",
     "load_npz",
     "measure_noise_fit",
     "symmetric_label_noise",

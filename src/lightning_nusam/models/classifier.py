@@ -17,6 +17,7 @@ from torch import nn
 
 from lightning_nusam.checks import check_count
 from lightning_nusam.module import SAMMixin
+from lightning_nusam.usage import check_timm_model
 
 
 def warmup_cosine_schedule(
@@ -58,6 +59,7 @@ def load_backbone(model: nn.Module, path: Path) -> list[str]:
 def _model_class(name: str) -> type[nn.Module] | None:
     """The class named by a dotted path (``package.module.Class``), or None for a timm name."""
     if "." not in name or timm.is_model(name):
+        check_timm_model(name)
         return None
     module_name, _, class_name = name.rpartition(".")
     try:
