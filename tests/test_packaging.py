@@ -154,7 +154,7 @@ def test_config_arguments_resolve_packaged_names_and_keep_real_paths(tmp_path, m
     assert resolve_config_arguments(["-c", "quickstart.yaml"]) == ["-c", "quickstart.yaml"]  # a file wins
     inline = "{trainer: {max_epochs: 1}}"
     assert resolve_config_arguments(["-c", inline]) == ["-c", inline]
-    with pytest.raises(FileNotFoundError, match=r"no packaged config.*quickstart"):
+    with pytest.raises(FileNotFoundError, match=r"no packaged config of that name; `nusam configs` lists"):
         resolve_config_arguments(["-c", "no_such_config"])
 
 
