@@ -187,17 +187,9 @@ def replaced_optimizer_reference(rho: float) -> nn.Module:
     """νSAM with SGD(lr 0.05) for the 8 steps of epoch 0, then a new SGD(lr 0.01) for 8 (what
     ReplaceOptimizer installs), written out as a plain loop."""
     net = make_net()
-    perturbation = NuclearPerturbation(net, rho=rho)
+    perturbation = NuclearPerturbation(net, rho=rho)  # one, its vectors carried over the swap
     for lr in (0.05, 0.01):
-        optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
-        for inputs, labels in micro_batches(classification_data(n=64)):
-            CE(net(inputs), labels).backward()
-            perturbation.perturb()
-            net.zero_grad(set_to_none=True)
-            CE(net(inputs), labels).backward()
-            perturbation.restore()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        nusam_loop(net, rho, micro_batches(classification_data(n=64)), lr, perturbation)
     return net
 
 
@@ -254,9 +246,10 @@ class Lazy(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
 
-def nusam_loop(net: nn.Module, rho: float, batches, lr: float = 0.05) -> nn.Module:
+def nusam_loop(net: nn.Module, rho: float, batches, lr: float = 0.05,
+               perturbation: NuclearPerturbation | None = None) -> nn.Module:
     optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
-    perturbation = NuclearPerturbation(net, rho=rho)
+    perturbation = perturbation if perturbation is not None else NuclearPerturbation(net, rho=rho)
     for inputs, labels in batches:
         CE(net(inputs), labels).backward()
         perturbation.perturb()
