@@ -20,14 +20,14 @@ __version__ = "0.3.0"
 
 #: public name → the module that defines it
 _LAZY = {
-    "SAM": "lightning_nusam.callbacks",
-    "SAMON": "lightning_nusam.callbacks",
-    "GaussSAM": "lightning_nusam.callbacks",
-    "NuSAM": "lightning_nusam.callbacks",
-    "NuSAMNorm": "lightning_nusam.callbacks",
-    "SharpnessAwareCallback": "lightning_nusam.callbacks",
-    "SAMMixin": "lightning_nusam.module",
-    "sam_pass": "lightning_nusam.callbacks",
+    "SAM": "lightning_nusam.lightning",
+    "SAMON": "lightning_nusam.lightning",
+    "GaussSAM": "lightning_nusam.lightning",
+    "NuSAM": "lightning_nusam.lightning",
+    "NuSAMNorm": "lightning_nusam.lightning",
+    "SharpnessAwareCallback": "lightning_nusam.lightning",
+    "SAMMixin": "lightning_nusam.lightning",
+    "sam_pass": "lightning_nusam.lightning",
     "GaussianPerturbation": "lightning_nusam.perturbations",
     "L2Perturbation": "lightning_nusam.perturbations",
     "NormLayerPerturbation": "lightning_nusam.perturbations",
@@ -55,16 +55,16 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from lightning_nusam.callbacks import (
+    from lightning_nusam.lightning import (
         SAM,
         SAMON,
         GaussSAM,
         NuSAM,
         NuSAMNorm,
+        SAMMixin,
         SharpnessAwareCallback,
         sam_pass,
     )
-    from lightning_nusam.module import SAMMixin
     from lightning_nusam.perturbations import (
         GaussianPerturbation,
         L2Perturbation,

@@ -44,7 +44,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
-from lightning_nusam.callbacks import SharpnessAwareCallback
+from lightning_nusam.lightning.callback import SharpnessAwareCallback
 from lightning_nusam.packaged_configs import resolve_config_arguments
 from lightning_nusam.runs import assign_run_folder, resolve_checkpoint, runs_root
 from lightning_nusam.usage import BadOptionError, UsageError, condense

@@ -31,9 +31,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
-from lightning_nusam.callbacks import SharpnessAwareCallback
 from lightning_nusam.cli import cli_main
 from lightning_nusam.data import measure_noise_fit
+from lightning_nusam.lightning.callback import SharpnessAwareCallback
 from lightning_nusam.usage import MissingExtraError
 
 

@@ -33,76 +33,56 @@ metrics in the model keep what the first pass added (the second pass's updates a
 LightningModule's ``self.log`` records nothing in the second pass; and with ``ρ = 0`` the step
 gives exactly the weights of a plain step.
 
-Lightning hands the micro-batches over one at a time and runs some passes itself, so the same
-step is also available in pieces: :meth:`~StepEngine.begin`, :meth:`~StepEngine.first_pass` (or
-:meth:`~StepEngine.open_first_pass` / :meth:`~StepEngine.close_pass` around a pass someone else
-runs), :meth:`~StepEngine.after_backward`, :meth:`~StepEngine.second_pass` and
-:meth:`~StepEngine.end`. :meth:`~StepEngine.step` is exactly these calls in order.
+A way in drives the engine in one of two call orders (each call once, in this order; no call is
+made twice for the same event):
+
+- a host that runs every pass through :class:`Passes` (a plain loop, the mixin,
+  :class:`~lightning_nusam.optim.SAMOptimizer`, Fabric): :meth:`~StepEngine.feed` for each
+  micro-batch as it arrives (the first one opens the step with its plan), then
+  :meth:`~StepEngine.complete_passes` after the last, then the optimizer step, then
+  :meth:`~StepEngine.end`. :meth:`~StepEngine.step` is exactly these calls.
+- a host whose framework runs some passes itself and owns the optimizer step (Lightning's
+  automatic optimization, the drop-in): :meth:`~StepEngine.open_micro_batch` before each
+  micro-batch (the framework runs its pass), :meth:`~StepEngine.after_backward` after each
+  backward the framework ran, :meth:`~StepEngine.finish_in_closure` inside the optimizer's step
+  on a two-pass step, :meth:`~StepEngine.before_optimizer_step` before gradient clipping, and
+  :meth:`~StepEngine.close_micro_batch` after each micro-batch, which ends the step once the
+  optimizer stepped.
+
+:meth:`~StepEngine.abandon` drops a step in progress (an exception) from either order.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_nusam.checks import check_choice, check_count, check_flag
 from lightning_nusam.pass_state import (
     ModuleStateGuard,
+    RandomState,
     copy_batch,
-    generator_state,
+    frozen_running_stats,
+    metric_updates_undone,
     muted_logging,
     owned_generators,
-    set_generator_state,
     version,
+)
+from lightning_nusam.plan import PLAIN_STEP, PassName, StepPlan, StepResult
+from lightning_nusam.step_options import (
+    BatchNormUpdate,
+    FirstPassReduction,
+    StepOptions,
 )
 
 if TYPE_CHECKING:
     from lightning_nusam.perturbations import Perturbation
-
-PassName = Literal["first", "second"]
-BatchNormUpdate = Literal["first", "second", "both"]
-
-#: How a synced first pass (``sync_first_pass=True``) is synchronised under data parallelism:
-#: ``"auto"`` communicates only what the perturbation reads (νSAM: the power iteration's products;
-#: SAM-ON: the normalisation layers' gradients; GaussSAM: nothing; SAM: the gradient);
-#: ``"gradients"`` all-reduces the whole first-pass gradient as SAM does.
-FirstPassReduction = Literal["auto", "gradients"]
-
-#: Default interval (optimizer steps) at which m-SAM re-broadcasts rank 0's weights; see
-#: :meth:`StepEngine.end`.
-DEFAULT_RESYNC_EVERY = 100
-
-
-def check_step_options(*, sync_first_pass: object = True, first_pass_reduction: object = "auto",
-                       batchnorm_update: object = "first", same_random_draws: object = True,
-                       resync_every: object = DEFAULT_RESYNC_EVERY) -> dict[str, Any]:
-    """The step's options checked, as every way in takes them (the callbacks at construction, the
-    engine itself, so :class:`~lightning_nusam.optim.SAMOptimizer` and the Fabric helpers too):
-    ``ValueError``/``TypeError`` naming the option and what it takes.
-
-    Example:
-        >>> check_step_options(batchnorm_update="firts")
-        Traceback (most recent call last):
-        ...
-        ValueError: `batchnorm_update` must be one of 'first', 'second', 'both', got 'firts'
-    """
-    return {
-        "sync_first_pass": check_flag("sync_first_pass", sync_first_pass),
-        "first_pass_reduction": check_choice("first_pass_reduction", first_pass_reduction,
-                                             ("auto", "gradients")),
-        "batchnorm_update": check_choice("batchnorm_update", batchnorm_update, ("first", "second", "both")),
-        "same_random_draws": check_flag("same_random_draws", same_random_draws),
-        "resync_every": check_count("resync_every", resync_every, 0, whole_floats=True),
-    }
 
 
 def optimizer_needs_closure(optimizer: torch.optim.Optimizer) -> bool:
@@ -112,31 +92,6 @@ def optimizer_needs_closure(optimizer: torch.optim.Optimizer) -> bool:
         return True
     closure = inspect.signature(type(optimizer).step).parameters.get("closure")
     return closure is not None and closure.default is inspect.Parameter.empty
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """What one optimizer step does; decided at its first micro-batch (see ``policy.plan_step``).
-
-    Attributes:
-        perturb: the step perturbs (two passes, or one pass at ``w + ε`` when ``one_pass``).
-        rho: the radius in force (0 when not perturbing).
-        one_pass: ``ε`` comes from the previous step's direction; a single pass.
-        estimate: estimate the direction for the next step after the last backward (one-pass
-            mode from its start on; the first such step only primes it).
-    """
-
-    perturb: bool = False
-    rho: float = 0.0
-    one_pass: bool = False
-    estimate: bool = False
-
-    @property
-    def two_pass(self) -> bool:
-        return self.perturb and not self.one_pass
-
-
-PLAIN_STEP = StepPlan()
 
 
 class Passes(Protocol):
@@ -153,141 +108,35 @@ class Passes(Protocol):
 
 @dataclass
 class LossPasses:
-    """:class:`Passes` for a plain PyTorch (or Fabric) loop, from a function giving the loss.
+    """:class:`Passes` from a function giving the loss: a plain PyTorch or Fabric loop, and each
+    Lightning way in (with the strategy's or the module's backward).
 
     Args:
-        loss: ``loss(batch, batch_idx)``, the training loss of a micro-batch, or None to skip it.
+        loss: ``loss(batch, batch_idx)``, the training loss of a micro-batch (a tensor, or a
+            mapping with a ``"loss"`` entry as a ``training_step`` may return), or None to skip it.
         micro_batches_per_step: ``k``, the divisor of each micro-batch's loss.
         backward: how to run backward (``fabric.backward`` under Fabric).
         no_sync: a context without gradient all-reduce (``model.no_sync`` under DDP,
             ``lambda: fabric.no_backward_sync(model)`` under Fabric).
     """
 
-    loss: Callable[[Any, int], torch.Tensor | None]
+    loss: Callable[[Any, int], torch.Tensor | Mapping[str, Any] | None]
     micro_batches_per_step: int = 1
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward
     no_sync: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
 
     def forward_backward(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
-        loss = self.loss(batch, batch_idx)
+        output = self.loss(batch, batch_idx)
+        loss = output.get("loss") if isinstance(output, Mapping) else output
         if loss is None:
             return None
         self.backward(loss / self.micro_batches_per_step)
         return loss.detach()
 
 
-@dataclass
-class RandomState:
-    """The random streams a loss computation draws from: torch (CPU and the CUDA devices given),
-    numpy's and Python's global generators, and the generator objects given (those the model
-    owns, see :func:`~lightning_nusam.pass_state.owned_generators`; not part of a checkpoint)."""
-
-    torch_cpu: torch.Tensor
-    cuda: dict[int, torch.Tensor]
-    numpy: Any
-    python: Any
-    owned: list[tuple[Any, Any]] = field(default_factory=list)
-
-    @classmethod
-    def capture(cls, cuda_devices: Sequence[int] = (), generators: Sequence[Any] = ()) -> RandomState:
-        return cls(torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in cuda_devices},
-                   np.random.get_state(), random.getstate(), [(g, generator_state(g)) for g in generators])
-
-    @classmethod
-    def capture_all(cls) -> RandomState:
-        """Every stream this process has: the CPU's and those of the CUDA devices in use."""
-        in_use = torch.cuda.is_available() and torch.cuda.is_initialized()
-        return cls.capture(list(range(torch.cuda.device_count())) if in_use else [])
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.torch_cpu)
-        for device, state in self.cuda.items():
-            torch.cuda.set_rng_state(state, device)
-        np.random.set_state(self.numpy)
-        random.setstate(self.python)
-        for generator, state in self.owned:
-            set_generator_state(generator, state)
-
-    def as_dict(self) -> dict[str, Any]:
-        """For a checkpoint, in types a ``weights_only`` load accepts: ``cpu``, ``cuda`` (a list over
-        the devices), ``numpy`` (its MT19937 keys as a tensor) and ``python``."""
-        name, keys, position, has_gauss, cached = self.numpy
-        state: dict[str, Any] = {"cpu": self.torch_cpu, "python": self.python,
-                                 "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(position),
-                                           int(has_gauss), float(cached)]}
-        if self.cuda:
-            state["cuda"] = [self.cuda[d] for d in sorted(self.cuda)]
-        return state
-
-    @classmethod
-    def from_dict(cls, state: dict[str, Any]) -> RandomState:
-        """The inverse of :meth:`as_dict` (checkpoints with only ``cpu``/``cuda`` leave numpy's and
-        Python's generators as they are)."""
-        cuda = dict(enumerate(state.get("cuda", []))) if torch.cuda.is_available() else {}
-        numpy_state = np.random.get_state()
-        if "numpy" in state:
-            name, keys, position, has_gauss, cached = state["numpy"]
-            numpy_state = (name, keys.numpy().astype(np.uint32), position, has_gauss, cached)
-        python = state.get("python")
-        python = random.getstate() if python is None else (python[0], tuple(python[1]), python[2])
-        return cls(state["cpu"], cuda, numpy_state, python)
-
-
 def optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """The parameters in ``optimizer``'s groups: what it updates."""
     return [parameter for group in optimizer.param_groups for parameter in group["params"]]
-
-
-@contextlib.contextmanager
-def frozen_running_stats(module: nn.Module) -> Iterator[None]:
-    """Run BatchNorm layers on batch statistics without updating their running statistics.
-
-    ``track_running_stats=False`` in training mode normalises with the batch statistics, as
-    before, but passes no running buffers to ``batch_norm`` and does not count the batch, so
-    ``running_mean``, ``running_var`` and ``num_batches_tracked`` stay exactly as they are.
-    """
-    layers = [
-        m
-        for m in module.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training
-    ]
-    for layer in layers:
-        layer.track_running_stats = False
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.track_running_stats = True
-
-
-@contextlib.contextmanager
-def metric_updates_undone(module: nn.Module) -> Iterator[None]:
-    """Give the ``torchmetrics`` metrics inside ``module`` back the state they had on entry.
-
-    The second pass runs the user's loss code again; a metric updated there (``self.acc(preds,
-    y)`` in ``training_step``) would count every sample twice and mix the perturbed predictions
-    into the clean ones. Its states, update count and cached values are put back on exit, so the
-    metric holds what the first pass added. Metrics are found as submodules (attributes of the
-    module, ``MetricCollection`` members); without torchmetrics installed this does nothing.
-    """
-    try:
-        from torchmetrics import Metric
-    except ImportError:
-        yield
-        return
-    bookkeeping = ("_update_count", "_computed", "_forward_cache")
-    saved = []
-    for metric in module.modules():
-        if isinstance(metric, Metric):
-            states = {name: value.clone() if isinstance(value, torch.Tensor) else list(value)
-                      for name, value in metric.metric_state.items()}
-            saved.append((metric, states, {k: getattr(metric, k, None) for k in bookkeeping}))
-    try:
-        yield
-    finally:
-        for metric, states, kept in saved:
-            for name, value in {**states, **kept}.items():
-                setattr(metric, name, value)
 
 
 @dataclass
@@ -337,16 +186,6 @@ class _Step:
     perturbed: bool = False
 
 
-@dataclass(frozen=True)
-class StepResult:
-    """What a step did: its plan, whether ε was applied, and the mean losses of its passes."""
-
-    plan: StepPlan
-    perturbed: bool
-    first_loss: torch.Tensor | None
-    second_loss: torch.Tensor | None
-
-
 class StepEngine:
     """Runs optimizer steps of a sharpness-aware method (see the module docstring).
 
@@ -354,18 +193,10 @@ class StepEngine:
         model: the module trained (its BatchNorm layers, metrics and, for m-SAM, weights).
         perturbation: the method, or None for plain steps only (a mixin module without a
             sharpness-aware callback).
-        sync_first_pass: every rank applies the ε of the mean first-pass gradient under data
-            parallelism (Algorithm 3); ``False`` is m-SAM (each rank its own).
-        first_pass_reduction: how a synced first pass communicates: ``"auto"`` only what the
-            perturbation reads (with ``replicas``), ``"gradients"`` the whole gradient.
+        options: the step's options (:class:`~lightning_nusam.step_options.StepOptions`); or
+            give them one by one as keywords (``sync_first_pass=False``, ...), checked the same way.
         replicas: the data-parallel process group (DDP's), or None (one process, or a sharded
             strategy whose gradients the first pass must reduce itself).
-        batchnorm_update: which pass updates BatchNorm running statistics: ``"first"`` (at
-            ``w``), ``"second"`` or ``"both"``.
-        same_random_draws: both passes of a micro-batch draw the same random numbers (dropout
-            masks, augmentation in the loss code) and the random stream after the step is that
-            of a plain step; ``False`` lets the second pass draw new ones.
-        resync_every: m-SAM only: every this many steps rank 0's weights are broadcast (0: never).
 
     Example (a plain loop; :class:`LossPasses` gives the loss of a micro-batch):
         >>> from lightning_nusam.perturbations import NuclearPerturbation
@@ -384,25 +215,18 @@ class StepEngine:
         self,
         model: nn.Module,
         perturbation: Perturbation | None,
+        options: StepOptions | None = None,
         *,
-        sync_first_pass: bool = True,
-        first_pass_reduction: FirstPassReduction = "auto",
         replicas: dist.ProcessGroup | None = None,
-        batchnorm_update: BatchNormUpdate = "first",
-        same_random_draws: bool = True,
-        resync_every: int = DEFAULT_RESYNC_EVERY,
+        **option_values: Any,
     ) -> None:
-        options = check_step_options(
-            sync_first_pass=sync_first_pass, first_pass_reduction=first_pass_reduction,
-            batchnorm_update=batchnorm_update, same_random_draws=same_random_draws, resync_every=resync_every)
+        if options is not None and option_values:
+            raise TypeError("StepEngine takes `options` or the options one by one "
+                            f"({', '.join(option_values)}), not both: put them in the StepOptions")
+        self.options = options if options is not None else StepOptions(**option_values)
         self.model = model
         self.perturbation = perturbation
-        self.sync_first_pass: bool = options["sync_first_pass"]
-        self.first_pass_reduction: FirstPassReduction = options["first_pass_reduction"]
         self.replicas = replicas
-        self.batchnorm_update: BatchNormUpdate = options["batchnorm_update"]
-        self.same_random_draws: bool = options["same_random_draws"]
-        self.resync_every: int = options["resync_every"]
         self.resyncs = 0
         #: the global step of the last m-SAM re-synchronisation (its period counts from there)
         self.last_resync_step = 0
@@ -419,40 +243,32 @@ class StepEngine:
         self.batch_clones: set[str] | None = None
 
     @property
+    def sync_first_pass(self) -> bool:
+        return self.options.sync_first_pass
+
+    @property
+    def first_pass_reduction(self) -> FirstPassReduction:
+        return self.options.first_pass_reduction
+
+    @property
+    def batchnorm_update(self) -> BatchNormUpdate:
+        return self.options.batchnorm_update
+
+    @property
+    def same_random_draws(self) -> bool:
+        return self.options.same_random_draws
+
+    @property
+    def resync_every(self) -> int:
+        return self.options.resync_every
+
+    @property
     def perturbation_reduces(self) -> bool:
         """Whether a synced first pass runs without the gradient all-reduce, the perturbation
         averaging over :attr:`replicas` only what it reads."""
         return (self.replicas is not None and self.sync_first_pass and self.first_pass_reduction == "auto"
                 and self.perturbation is not None and self.perturbation.replica_reduction != "gradient")
 
-    # ----------------------------------------------------------------------------- the step
-    def step(self, passes: Passes, micro_batches: Sequence[tuple[Any, int]], optimizer: torch.optim.Optimizer,
-             plan: StepPlan | None = None, *, optimizer_step: Callable[[], Any] | None = None,
-             global_step: int | None = None) -> StepResult:
-        """One whole optimizer step over ``micro_batches`` (``(batch, batch_idx)`` pairs).
-
-        ``plan`` defaults to a two-pass step at the perturbation's radius (a plain step without
-        a perturbation); ``optimizer_step`` to ``optimizer.step`` (pass e.g. the GradScaler's
-        step). The step starts from cleared gradients, as Lightning's does. ``global_step`` is
-        the number of optimizer steps taken after this one (m-SAM's re-synchronisation counts
-        them; default: the steps this engine has taken).
-        """
-        if plan is None:
-            plan = StepPlan(True, self.perturbation.rho) if self.perturbation is not None else PLAIN_STEP
-        optimizer.zero_grad(set_to_none=True)
-        self.begin(plan, optimizer)
-        try:
-            for position, (batch, batch_idx) in enumerate(micro_batches):
-                self.first_pass(passes, batch, batch_idx, last=position == len(micro_batches) - 1)
-            self.second_pass(passes, optimizer)
-            self.before_optimizer_step()
-        except BaseException:
-            self.abandon()
-            raise
-        (optimizer_step or optimizer.step)()
-        return self.end(global_step)
-
-    # ----------------------------------------------------------------------------- pieces
     @property
     def plan(self) -> StepPlan:
         """The plan of the step in progress (a plain step between steps)."""
@@ -467,7 +283,171 @@ class StepEngine:
         """``(batch, batch_idx)`` of the micro-batches kept for the second pass."""
         return [(m.batch, m.batch_idx) for m in self._step.micro_batches] if self._step else []
 
-    def begin(self, plan: StepPlan, optimizer: torch.optim.Optimizer | None = None) -> None:
+    # ----------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, int]:
+        """What a resumed run needs to continue m-SAM's re-synchronisation period."""
+        return {"resyncs": self.resyncs, "last_resync_step": self.last_resync_step}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self.resyncs = int(state_dict.get("resyncs", 0))
+        self.last_resync_step = int(state_dict.get("last_resync_step", 0))
+
+    # ----------------------------------------------------------------------------- the whole step
+    def step(self, passes: Passes, micro_batches: Sequence[tuple[Any, int]], optimizer: torch.optim.Optimizer,
+             plan: StepPlan | None = None, *, optimizer_step: Callable[[], Any] | None = None,
+             global_step: int | None = None) -> StepResult:
+        """One whole optimizer step over ``micro_batches`` (``(batch, batch_idx)`` pairs).
+
+        ``plan`` defaults to a two-pass step at the perturbation's radius (a plain step without
+        a perturbation); ``optimizer_step`` to ``optimizer.step`` (pass e.g. the GradScaler's
+        step). The step starts from cleared gradients, as Lightning's does. ``global_step`` is
+        the number of optimizer steps taken after this one (m-SAM's re-synchronisation counts
+        them; default: the steps this engine has taken).
+        """
+        if plan is None:
+            plan = StepPlan(True, self.perturbation.rho) if self.perturbation is not None else PLAIN_STEP
+        optimizer.zero_grad(set_to_none=True)
+        try:
+            for position, (batch, batch_idx) in enumerate(micro_batches):
+                self.feed(passes, batch, batch_idx, last=position == len(micro_batches) - 1,
+                          plan=lambda: plan, optimizer=optimizer)
+            self.complete_passes(passes, optimizer)
+        except BaseException:
+            self.abandon()
+            raise
+        (optimizer_step or optimizer.step)()
+        return self.end(global_step)
+
+    # ----------------------------------------------------------------------------- host runs every pass
+    def feed(self, passes: Passes, batch: Any, batch_idx: int, *, last: bool,
+             plan: Callable[[], StepPlan],
+             optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor | None:
+        """The first (or only) pass of one micro-batch, run through ``passes``; its loss, or None.
+
+        The first micro-batch of a step opens it: ``plan()`` is asked then (once per step) and,
+        with the ``optimizer`` that will step, the perturbation covers what it updates. ``last``:
+        this micro-batch ends the step's window (its first pass syncs the gradients).
+        """
+        self._begin_if_needed(plan, optimizer)
+        self._open_first_pass(batch, batch_idx, last=last, no_sync=passes.no_sync)
+        return self._run_open_pass(passes)
+
+    def complete_passes(self, passes: Passes, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """After the last micro-batch's first pass: on a two-pass step ``perturb()``, the second
+        pass of every micro-batch that gave a loss at ``w + ε``, ``restore()``; then what must
+        happen before the optimizer steps (:meth:`before_optimizer_step`)."""
+        self._second_pass(passes, optimizer)
+        self.before_optimizer_step()
+
+    # ----------------------------------------------------------------------------- host runs some passes
+    def open_micro_batch(self, batch: Any, batch_idx: int, *, last: bool, plan: Callable[[], StepPlan],
+                         optimizer: torch.optim.Optimizer | None = None,
+                         no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None = None) -> None:
+        """Before a micro-batch whose first pass the host runs itself: opens the step at its first
+        micro-batch (as :meth:`feed` does) and enters the pass's context (the kept batch and its
+        random state; the gradient all-reduce blocked with ``no_sync`` unless it must sync; BatchNorm
+        frozen when the second pass is to update it; on a one-pass step ``ε`` applied).
+        :meth:`close_micro_batch` leaves it."""
+        self._begin_if_needed(plan, optimizer)
+        self._open_first_pass(batch, batch_idx, last=last, no_sync=no_sync)
+
+    def after_backward(self) -> PassName | None:
+        """After a backward the host ran itself (not one run through :class:`Passes`, which the
+        engine follows on its own); returns the pass it belonged to. Marks the micro-batch as
+        trained; on the last backward of a second pass removes ``ε`` at once, before anything reads
+        the weights; on a one-pass step removes ``ε`` and, after the last micro-batch, estimates
+        the next direction from this unclipped gradient."""
+        name = self.current_pass
+        self._after_backward()
+        return name
+
+    def finish_in_closure(self, passes: Passes, optimizer: torch.optim.Optimizer,
+                          host_closure: Callable[[], Any], *, host_ran_first_pass: bool,
+                          zero_grad: Callable[[], None], host_loss_scale: float = 1.0) -> Any:
+        """Inside the optimizer's step of a two-pass step (the closure the optimizer calls): the
+        rest of the step, ending with ``host_closure``, the host's own closure.
+
+        If the host already ran this micro-batch's first pass (``host_ran_first_pass``), the
+        second passes are all the engine's and ``host_closure`` runs after them (its hooks and
+        clipping). Otherwise the engine runs the open first pass on a copy of the batch (after
+        ``zero_grad`` when it is the step's only micro-batch), ``perturb()``, the second passes,
+        the last one through ``host_closure``, whose result (a loss divided by
+        ``host_loss_scale``, as Lightning's closure returns it) is kept as a second-pass loss and
+        returned.
+        """
+        if host_ran_first_pass:
+            self._close_pass()
+            self._second_pass(passes, optimizer)
+            return host_closure()
+        if len(self._step.micro_batches) == 1:  # the step starts here: clear the previous gradients
+            zero_grad()
+        self._run_open_pass(passes, replayed_by_caller=True)
+        result = self._second_pass(passes, optimizer, last_pass=host_closure)
+        if isinstance(result, torch.Tensor):
+            self.record_loss(result.detach() * host_loss_scale, "second")
+        return result
+
+    def close_micro_batch(self, *, stepped: bool, window_ends: bool, host_loss: torch.Tensor | None = None,
+                          global_step: int | None = None) -> StepResult | None:
+        """After a micro-batch whose pass the host ran: leaves its context and keeps ``host_loss``
+        (the undivided loss of a first pass the host ran); when the optimizer ``stepped`` ends the
+        step (:meth:`end`) and returns what it did; when the window ends without a step (an
+        ``optimizer_step`` that did not step) drops it. None while the step goes on."""
+        if self._step is None:
+            return None
+        self._close_pass()
+        if host_loss is not None:
+            self.record_loss(host_loss)
+        if stepped:
+            return self.end(global_step)
+        if window_ends:
+            self.abandon()
+        return None
+
+    # ----------------------------------------------------------------------------- both orders
+    def before_optimizer_step(self) -> None:
+        """Just before the optimizer steps (before gradient clipping): no ``ε`` may be left, and a
+        one-pass step whose last micro-batch gave no loss estimates its direction here."""
+        if self.perturbation is not None:
+            self.perturbation.restore()
+        self._estimate_once()
+
+    def end(self, global_step: int | None = None) -> StepResult:
+        """Close the step after the optimizer stepped: m-SAM re-synchronisation (every
+        ``resync_every`` steps of ``global_step``, the optimizer steps taken so far; default: the
+        steps this engine has ended), the losses."""
+        self.steps_taken += 1
+        global_step = self.steps_taken if global_step is None else global_step
+        step = self._step
+        self._close_pass()
+        self.state_guard.drop()
+        self._step, self.current_pass = None, None
+        first, second = (torch.stack(v).float().mean() if v else None for v in step.losses.values())
+        if step.plan.two_pass and step.perturbed and not self.sync_first_pass:
+            self.resynchronize(global_step)
+        return StepResult(step.plan, step.perturbed, first, second)
+
+    def abandon(self) -> None:
+        """Drop the step in progress (an exception, an epoch that ended mid-window): no ``ε`` left."""
+        if self._open is not None:
+            stack, self._open = self._open, None
+            stack.close()
+        if self.perturbation is not None:
+            self.perturbation.restore()
+        self.state_guard.drop()
+        self._step, self._current, self.current_pass = None, None, None
+
+    def record_loss(self, loss: torch.Tensor, name: PassName | None = None) -> None:
+        """Keep a micro-batch's (undivided) loss for the step's mean, first or second pass."""
+        if self._step is not None:
+            self._step.losses["second" if name == "second" else "first"].append(loss.detach())
+
+    # ----------------------------------------------------------------------------- the pieces
+    def _begin_if_needed(self, plan: Callable[[], StepPlan], optimizer: torch.optim.Optimizer | None) -> None:
+        if self._step is None:
+            self._begin(plan(), optimizer)
+
+    def _begin(self, plan: StepPlan, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Open a step with its plan. With the ``optimizer`` that will step, the perturbation
         covers what it updates (:meth:`~lightning_nusam.perturbations.Perturbation.restrict_to`
         its parameters; an optimizer replaced or given new groups is followed)."""
@@ -484,15 +464,10 @@ class StepEngine:
                 self._step.cuda_devices = self._cuda_devices()
                 self._step.generators = owned_generators(self.model, modules)
 
-    def first_pass(self, passes: Passes, batch: Any, batch_idx: int, *, last: bool) -> torch.Tensor | None:
-        """The first (or only) pass of one micro-batch, run through ``passes``."""
-        self.open_first_pass(batch, batch_idx, last=last, no_sync=passes.no_sync)
-        return self.run_open_pass(passes)
-
-    def open_first_pass(self, batch: Any, batch_idx: int, *, last: bool,
+    def _open_first_pass(self, batch: Any, batch_idx: int, *, last: bool,
                         no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None = None) -> None:
         """Enter the context of a micro-batch's first (or only) pass, for a pass that the caller
-        runs itself (Lightning's own closure); :meth:`close_pass` leaves it.
+        runs itself (Lightning's own closure); :meth:`_close_pass` leaves it.
 
         Keeps the micro-batch for the second pass with the random state it starts from; blocks
         the gradient all-reduce unless this is the last micro-batch of a pass that syncs (with
@@ -526,9 +501,9 @@ class StepEngine:
         stack.enter_context(self._naming(name))
         self._open, self._current, self._current_is_last = stack, micro_batch, last
 
-    def run_open_pass(self, passes: Passes, *, replayed_by_caller: bool = False) -> torch.Tensor | None:
-        """Run the micro-batch opened by :meth:`open_first_pass` through ``passes``, then
-        :meth:`close_pass`; its loss, or None when it gave none. ``replayed_by_caller``: the
+    def _run_open_pass(self, passes: Passes, *, replayed_by_caller: bool = False) -> torch.Tensor | None:
+        """Run the micro-batch opened by :meth:`_open_first_pass` through ``passes``, then
+        :meth:`_close_pass`; its loss, or None when it gave none. ``replayed_by_caller``: the
         caller's own pass replays this micro-batch with the batch object as given (Lightning's
         closure), so this first pass gets the engine's copy of it."""
         micro_batch = self._current
@@ -538,14 +513,14 @@ class StepEngine:
                 batch, micro_batch.first_got_copy = micro_batch.replay, True
             loss = passes.forward_backward(batch, micro_batch.batch_idx)
             if loss is not None:
-                self.after_backward()
+                self._after_backward()
                 self.record_loss(loss)
         finally:
-            self.close_pass()
+            self._close_pass()
         return loss
 
-    def close_pass(self) -> None:
-        """Leave the context of the pass opened by :meth:`open_first_pass`; after the last first
+    def _close_pass(self) -> None:
+        """Leave the context of the pass opened by :meth:`_open_first_pass`; after the last first
         pass of a two-pass step, remember the random state the step must end with."""
         if self._open is None:
             return
@@ -562,11 +537,12 @@ class StepEngine:
             self._estimate_once()
         self._current = None
 
-    def after_backward(self) -> None:
-        """After a backward of the step (idempotent; a Lightning ``on_after_backward`` hook may call
-        it too): marks the micro-batch as trained; on the last backward of a second pass removes
-        ``ε`` at once, before anything reads the weights; on a one-pass step removes ``ε`` and,
-        after the last micro-batch, estimates the next direction from this unclipped gradient."""
+    def _after_backward(self) -> None:
+        """After a backward of the step, once (the engine after the passes it runs, the host through
+        :meth:`after_backward` after its own): marks the micro-batch as trained; on the last
+        backward of a second pass removes ``ε`` at once, before anything reads the weights; on a
+        one-pass step removes ``ε`` and, after the last micro-batch, estimates the next direction
+        from this unclipped gradient."""
         step = self._step
         if step is None:
             return
@@ -581,8 +557,8 @@ class StepEngine:
         if self._current_is_last:
             self._estimate_once()
 
-    def second_pass(self, passes: Passes, optimizer: torch.optim.Optimizer | None = None, *,
-                    last_pass: Callable[[], Any] | None = None) -> Any:
+    def _second_pass(self, passes: Passes, optimizer: torch.optim.Optimizer | None = None, *,
+                     last_pass: Callable[[], Any] | None = None) -> Any:
         """``perturb()``, the second pass of every micro-batch that gave a loss at ``w + ε``,
         ``restore()``. Does nothing on a plain or one-pass step, or when no micro-batch gave a
         loss (the step then counts as not perturbed).
@@ -624,7 +600,7 @@ class StepEngine:
                     with self._second_pass_context(micro_batch, last, passes):
                         loss = passes.forward_backward(micro_batch.for_second_pass(), micro_batch.batch_idx)
                         if loss is not None:
-                            self.after_backward()
+                            self._after_backward()
                             self.record_loss(loss, "second")
                 if by_caller is not None:
                     with self._second_pass_context(by_caller, True, None):
@@ -644,43 +620,6 @@ class StepEngine:
         for micro_batch in step.micro_batches:  # the copies are not needed anymore
             micro_batch.replay, micro_batch.leaves = None, []
         self.state_guard.after_second_pass()
-
-    def before_optimizer_step(self) -> None:
-        """Just before the optimizer steps: no ``ε`` may be left, and a one-pass step whose last
-        micro-batch gave no loss estimates its direction here, before any clipping."""
-        if self.perturbation is not None:
-            self.perturbation.restore()
-        self._estimate_once()
-
-    def end(self, global_step: int | None = None) -> StepResult:
-        """Close the step after the optimizer stepped: m-SAM re-synchronisation (every
-        ``resync_every`` steps of ``global_step``, the optimizer steps taken so far; default: the
-        steps this engine has ended), the losses."""
-        self.steps_taken += 1
-        global_step = self.steps_taken if global_step is None else global_step
-        step = self._step
-        self.close_pass()
-        self.state_guard.drop()
-        self._step, self.current_pass = None, None
-        first, second = (torch.stack(v).float().mean() if v else None for v in step.losses.values())
-        if step.plan.two_pass and step.perturbed and not self.sync_first_pass:
-            self.resynchronize(global_step)
-        return StepResult(step.plan, step.perturbed, first, second)
-
-    def abandon(self) -> None:
-        """Drop the step in progress (an exception, an epoch that ended mid-window): no ``ε`` left."""
-        if self._open is not None:
-            stack, self._open = self._open, None
-            stack.close()
-        if self.perturbation is not None:
-            self.perturbation.restore()
-        self.state_guard.drop()
-        self._step, self._current, self.current_pass = None, None, None
-
-    def record_loss(self, loss: torch.Tensor, name: PassName | None = None) -> None:
-        """Keep a micro-batch's (undivided) loss for the step's mean, first or second pass."""
-        if self._step is not None:
-            self._step.losses["second" if name == "second" else "first"].append(loss.detach())
 
     # ----------------------------------------------------------------------------- m-SAM
     @torch.no_grad()

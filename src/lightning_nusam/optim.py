@@ -37,14 +37,10 @@ from typing import Any
 
 import torch
 
-from lightning_nusam.engine import (
-    BatchNormUpdate,
-    StepEngine,
-    StepPlan,
-    optimizer_needs_closure,
-    optimizer_parameters,
-)
+from lightning_nusam.engine import StepEngine, optimizer_needs_closure, optimizer_parameters
 from lightning_nusam.perturbations import Perturbation
+from lightning_nusam.plan import StepPlan
+from lightning_nusam.step_options import BatchNormUpdate, StepOptions
 
 
 def _signature_help(perturbation: Any, base_optimizer: Any, unexpected: dict[str, Any]) -> str:
@@ -134,8 +130,8 @@ class SAMOptimizer(torch.optim.Optimizer):
         self.state = base_optimizer.state
         self.base_optimizer = base_optimizer
         self.perturbation = perturbation
-        self.engine = StepEngine(perturbation.model, perturbation, same_random_draws=same_random_draws,
-                                 batchnorm_update=batchnorm_update)
+        options = StepOptions(same_random_draws=same_random_draws, batchnorm_update=batchnorm_update)
+        self.engine = StepEngine(perturbation.model, perturbation, options)
         self._first_step_taken = False  # first_step() ran since the last base step
         self._warned_gradients = False
 

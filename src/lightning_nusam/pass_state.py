@@ -53,8 +53,10 @@ import copy
 import dataclasses
 import functools
 import random
+import sys
 import warnings
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -328,6 +330,116 @@ def set_generator_state(generator: Any, state: Any) -> None:
         generator.setstate(state)
 
 
+# ------------------------------------------------------------------- random streams, BatchNorm, metrics
+@dataclass
+class RandomState:
+    """The random streams a loss computation draws from: torch (CPU and the CUDA devices given),
+    numpy's and Python's global generators, and the generator objects given (those the model
+    owns, see :func:`~lightning_nusam.pass_state.owned_generators`; not part of a checkpoint)."""
+
+    torch_cpu: torch.Tensor
+    cuda: dict[int, torch.Tensor]
+    numpy: Any
+    python: Any
+    owned: list[tuple[Any, Any]] = field(default_factory=list)
+
+    @classmethod
+    def capture(cls, cuda_devices: Sequence[int] = (), generators: Sequence[Any] = ()) -> RandomState:
+        return cls(torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in cuda_devices},
+                   np.random.get_state(), random.getstate(), [(g, generator_state(g)) for g in generators])
+
+    @classmethod
+    def capture_all(cls) -> RandomState:
+        """Every stream this process has: the CPU's and those of the CUDA devices in use."""
+        in_use = torch.cuda.is_available() and torch.cuda.is_initialized()
+        return cls.capture(list(range(torch.cuda.device_count())) if in_use else [])
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.torch_cpu)
+        for device, state in self.cuda.items():
+            torch.cuda.set_rng_state(state, device)
+        np.random.set_state(self.numpy)
+        random.setstate(self.python)
+        for generator, state in self.owned:
+            set_generator_state(generator, state)
+
+    def as_dict(self) -> dict[str, Any]:
+        """For a checkpoint, in types a ``weights_only`` load accepts: ``cpu``, ``cuda`` (a list over
+        the devices), ``numpy`` (its MT19937 keys as a tensor) and ``python``."""
+        name, keys, position, has_gauss, cached = self.numpy
+        state: dict[str, Any] = {"cpu": self.torch_cpu, "python": self.python,
+                                 "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(position),
+                                           int(has_gauss), float(cached)]}
+        if self.cuda:
+            state["cuda"] = [self.cuda[d] for d in sorted(self.cuda)]
+        return state
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> RandomState:
+        """The inverse of :meth:`as_dict` (checkpoints with only ``cpu``/``cuda`` leave numpy's and
+        Python's generators as they are)."""
+        cuda = dict(enumerate(state.get("cuda", []))) if torch.cuda.is_available() else {}
+        numpy_state = np.random.get_state()
+        if "numpy" in state:
+            name, keys, position, has_gauss, cached = state["numpy"]
+            numpy_state = (name, keys.numpy().astype(np.uint32), position, has_gauss, cached)
+        python = state.get("python")
+        python = random.getstate() if python is None else (python[0], tuple(python[1]), python[2])
+        return cls(state["cpu"], cuda, numpy_state, python)
+
+
+@contextlib.contextmanager
+def frozen_running_stats(module: nn.Module) -> Iterator[None]:
+    """Run BatchNorm layers on batch statistics without updating their running statistics.
+
+    ``track_running_stats=False`` in training mode normalises with the batch statistics, as
+    before, but passes no running buffers to ``batch_norm`` and does not count the batch, so
+    ``running_mean``, ``running_var`` and ``num_batches_tracked`` stay exactly as they are.
+    """
+    layers = [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training
+    ]
+    for layer in layers:
+        layer.track_running_stats = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.track_running_stats = True
+
+
+@contextlib.contextmanager
+def metric_updates_undone(module: nn.Module) -> Iterator[None]:
+    """Give the ``torchmetrics`` metrics inside ``module`` back the state they had on entry.
+
+    The second pass runs the user's loss code again; a metric updated there (``self.acc(preds,
+    y)`` in ``training_step``) would count every sample twice and mix the perturbed predictions
+    into the clean ones. Its states, update count and cached values are put back on exit, so the
+    metric holds what the first pass added. Metrics are found as submodules (attributes of the
+    module, ``MetricCollection`` members); without torchmetrics installed this does nothing.
+    """
+    try:
+        from torchmetrics import Metric
+    except ImportError:
+        yield
+        return
+    bookkeeping = ("_update_count", "_computed", "_forward_cache")
+    saved = []
+    for metric in module.modules():
+        if isinstance(metric, Metric):
+            states = {name: value.clone() if isinstance(value, torch.Tensor) else list(value)
+                      for name, value in metric.metric_state.items()}
+            saved.append((metric, states, {k: getattr(metric, k, None) for k in bookkeeping}))
+    try:
+        yield
+    finally:
+        for metric, states, kept in saved:
+            for name, value in {**states, **kept}.items():
+                setattr(metric, name, value)
+
+
 # ----------------------------------------------------------------------------------- logging
 def _discard(*args: Any, **kwargs: Any) -> None:
     """``self.log`` during the second pass: records nothing."""
@@ -336,10 +448,10 @@ def _discard(*args: Any, **kwargs: Any) -> None:
 @contextlib.contextmanager
 def muted_logging(module: nn.Module) -> Iterator[None]:
     """``module.log`` (and ``log_dict``, which calls it) records nothing inside the context, when
-    ``module`` is a LightningModule; the module's own method is back on exit."""
-    from lightning.pytorch import LightningModule
-
-    if not isinstance(module, LightningModule) or "log" in vars(module):
+    ``module`` is a LightningModule; the module's own method is back on exit. (Lightning is not
+    imported here: a LightningModule exists only once ``lightning.pytorch`` has been loaded.)"""
+    lightning = sys.modules.get("lightning.pytorch")
+    if lightning is None or not isinstance(module, lightning.LightningModule) or "log" in vars(module):
         yield
         return
     module.log = _discard  # an attribute of this instance, over the class's method

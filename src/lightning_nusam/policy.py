@@ -2,7 +2,7 @@
 
 The options of a sharpness-aware callback that decide this (:class:`Schedule`) and the counters
 of the step at hand (:class:`Counters`: global step, epoch, planned steps, learning rate) give
-the :class:`~lightning_nusam.engine.StepPlan` of that step through :func:`plan_step`. Nothing
+the :class:`~lightning_nusam.plan.StepPlan` of that step through :func:`plan_step`. Nothing
 here reads a Trainer or an optimizer, so the policy is tested by calling it.
 
 Example:
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from lightning_nusam.checks import check_count, check_flag, check_fraction, check_rho
-from lightning_nusam.engine import PLAIN_STEP, StepPlan
+from lightning_nusam.plan import PLAIN_STEP, StepPlan
 
 RhoSchedule = Literal["constant", "linear", "cosine", "lr"]
 

@@ -16,7 +16,7 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 
 from lightning_nusam.checks import check_count
-from lightning_nusam.module import SAMMixin
+from lightning_nusam.lightning.mixin import SAMMixin
 from lightning_nusam.usage import check_timm_model
 
 

@@ -27,8 +27,8 @@ from torch import nn
 
 from lightning_nusam.checks import check_count
 from lightning_nusam.data.text import GLUE_TASKS
+from lightning_nusam.lightning.mixin import SAMMixin
 from lightning_nusam.models.classifier import warmup_cosine_schedule
-from lightning_nusam.module import SAMMixin
 
 Metric = Literal["accuracy", "mcc", "f1", "pearson"]
 
