@@ -169,16 +169,24 @@ def test_random_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     ],
 )
 def test_every_way_in_checks_the_step_options_as_the_callbacks_do(options: dict, message: str) -> None:
-    """The engine checks its options itself, so SAMOptimizer and the Fabric helpers refuse what the
-    callbacks refuse, with the same message."""
+    """One options object (StepOptions) checks them for every way in, so the engine, SAMOptimizer
+    and the Fabric helpers refuse what the callbacks refuse, with the same message."""
+    from lightning.fabric import Fabric
+
     from lightning_nusam import NuSAM
+    from lightning_nusam.fabric import fabric_engine
     from lightning_nusam.optim import SAMOptimizer
+    from lightning_nusam.step_options import StepOptions
 
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
     with pytest.raises((ValueError, TypeError), match=re.escape(message)):
         NuSAM(**options)
     with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+        StepOptions(**options)
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
         StepEngine(model, NuclearPerturbation(model), **options)
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+        fabric_engine(Fabric(accelerator="cpu", devices=1), model, NuclearPerturbation(model), **options)
     optimizer_options = {k: v for k, v in options.items() if k in ("batchnorm_update", "same_random_draws")}
     if optimizer_options:
         with pytest.raises((ValueError, TypeError), match=re.escape(message)):

@@ -85,6 +85,15 @@ if TYPE_CHECKING:
     from lightning_nusam.perturbations import Perturbation
 
 
+def data_parallel_replicas(world_size: int, model: nn.Module | None = None) -> dist.ProcessGroup | None:
+    """The process group data parallelism averages gradients over: None on one process, else the
+    group of the DDP-wrapped ``model`` (``DistributedDataParallel.process_group``) or the world.
+    Both Lightning's and Fabric's adapters ask this (each knows whether its strategy is DDP)."""
+    if world_size < 2:
+        return None
+    return getattr(model, "process_group", None) or dist.group.WORLD
+
+
 def optimizer_needs_closure(optimizer: torch.optim.Optimizer) -> bool:
     """Closure-driven optimizers (LBFGS) evaluate the loss several times per ``step``: no way in can
     wrap them."""

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_nusam.engine import LossPasses, StepEngine
+from lightning_nusam.engine import LossPasses, StepEngine, data_parallel_replicas
 
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
@@ -41,9 +41,9 @@ def data_parallel_group(fabric: Fabric) -> dist.ProcessGroup | None:
     sharded strategies, which reduce the gradients themselves)."""
     from lightning.fabric.strategies import DDPStrategy
 
-    if not isinstance(fabric.strategy, DDPStrategy) or fabric.world_size < 2:
+    if not isinstance(fabric.strategy, DDPStrategy):
         return None
-    return dist.group.WORLD
+    return data_parallel_replicas(fabric.world_size)
 
 
 def fabric_engine(fabric: Fabric, model: nn.Module, perturbation: Perturbation | None,

@@ -25,6 +25,8 @@ from lightning.pytorch.strategies import (
     ParallelStrategy,
 )
 
+from lightning_nusam.engine import data_parallel_replicas
+
 #: Strategies that shard gradients: with gradient sync disabled they leave them empty (no m-SAM).
 SHARDED_STRATEGIES = (ModelParallelStrategy, FSDPStrategy, DeepSpeedStrategy)
 
@@ -33,9 +35,9 @@ def data_parallel_group(trainer: pl.Trainer) -> dist.ProcessGroup | None:
     """The process group DDP averages gradients over, when there is more than one process (a
     sharded strategy reduces its gradients itself: None)."""
     strategy = trainer.strategy
-    if not isinstance(strategy, DDPStrategy) or strategy.world_size < 2:
+    if not isinstance(strategy, DDPStrategy):
         return None
-    return getattr(strategy.model, "process_group", None) or dist.group.WORLD
+    return data_parallel_replicas(strategy.world_size, strategy.model)
 
 
 def backward_sync_blocker(
