@@ -33,7 +33,7 @@ from typing_extensions import override
 
 from lightning_nusam import policy
 from lightning_nusam.engine import StepEngine, optimizer_needs_closure, optimizer_parameters
-from lightning_nusam.lightning.dropin import DropInDriver
+from lightning_nusam.lightning.dropin import DropInDriver, check_drop_in
 from lightning_nusam.lightning.trainer import SHARDED_STRATEGIES, data_parallel_group, planned_optimizer_steps
 from lightning_nusam.optim import SAMOptimizer
 from lightning_nusam.pass_state import RandomState
@@ -233,7 +233,7 @@ class SharpnessAwareCallback(Callback):
             )
         self._drop_in = not getattr(pl_module, RUNS_ITS_OWN_STEP, False)
         if self._drop_in:
-            self._check_drop_in(trainer, pl_module)
+            check_drop_in(type(self).__name__, trainer, pl_module)
         elif pl_module.automatic_optimization:
             raise ValueError(
                 f"{name} with SAMMixin needs manual optimization, but {type(pl_module).__name__}"
@@ -253,32 +253,6 @@ class SharpnessAwareCallback(Callback):
                 "which would have to be kept between steps (a copy of the weights); use NuSAM, "
                 "NuSAMNorm or GaussSAM with one_pass"
             )
-
-    def _check_drop_in(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        """Refuse, before the first step, what the drop-in cannot run, naming what to use instead."""
-        name, module_name = type(self).__name__, type(module).__name__
-        if not module.automatic_optimization:
-            raise ValueError(
-                f"{name} drives the step of a module with automatic optimization (the drop-in), or "
-                f"of one that mixes in lightning_nusam.SAMMixin; {module_name} uses manual optimization "
-                f"without the mixin. Write `class {module_name}(SAMMixin, LightningModule)` with "
-                "compute_loss(batch, batch_idx), or return the loss from training_step and let "
-                "Lightning optimize"
-            )
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
-            raise ValueError(
-                f"{name} on a module without SAMMixin cannot use precision='16-mixed': Lightning runs "
-                "the closure before optimizer.step() there, so the second pass cannot be added "
-                "without patching Lightning. Use precision='bf16-mixed', or mix "
-                "lightning_nusam.SAMMixin into the module (compute_loss instead of training_step), "
-                "which supports 16-mixed"
-            )
-        if trainer.strategy.handles_gradient_accumulation:
-            raise ValueError(f"{name} cannot drive the step of {type(trainer.strategy).__name__}, which "
-                             "runs its own optimizer step; use DDP or ModelParallelStrategy")
-        if "dataloader_iter" in inspect.signature(module.training_step).parameters:
-            raise ValueError(f"{name} replays batches and cannot drive a training_step that takes "
-                             "`dataloader_iter`; take (batch, batch_idx)")
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

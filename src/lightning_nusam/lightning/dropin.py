@@ -27,6 +27,7 @@ with :meth:`DropInDriver.remove` (at teardown and after an exception).
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -54,6 +55,34 @@ class StepOwner(Protocol):
 
     def report_step(self, module: pl.LightningModule, result: StepResult) -> None:
         """Log what a step did."""
+
+
+def check_drop_in(name: str, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+    """Refuse, before the first step, what the drop-in cannot run, naming what to use instead
+    (``name``: the callback's, for the messages)."""
+    module_name = type(module).__name__
+    if not module.automatic_optimization:
+        raise ValueError(
+            f"{name} drives the step of a module with automatic optimization (the drop-in), or "
+            f"of one that mixes in lightning_nusam.SAMMixin; {module_name} uses manual optimization "
+            f"without the mixin. Write `class {module_name}(SAMMixin, LightningModule)` with "
+            "compute_loss(batch, batch_idx), or return the loss from training_step and let "
+            "Lightning optimize"
+        )
+    if getattr(trainer.precision_plugin, "scaler", None) is not None:
+        raise ValueError(
+            f"{name} on a module without SAMMixin cannot use precision='16-mixed': Lightning runs "
+            "the closure before optimizer.step() there, so the second pass cannot be added "
+            "without patching Lightning. Use precision='bf16-mixed', or mix "
+            "lightning_nusam.SAMMixin into the module (compute_loss instead of training_step), "
+            "which supports 16-mixed"
+        )
+    if trainer.strategy.handles_gradient_accumulation:
+        raise ValueError(f"{name} cannot drive the step of {type(trainer.strategy).__name__}, which "
+                         "runs its own optimizer step; use DDP or ModelParallelStrategy")
+    if "dataloader_iter" in inspect.signature(module.training_step).parameters:
+        raise ValueError(f"{name} replays batches and cannot drive a training_step that takes "
+                         "`dataloader_iter`; take (batch, batch_idx)")
 
 
 class DropInDriver:
