@@ -76,6 +76,7 @@ from lightning_nusam.pass_state import (
 )
 from lightning_nusam.plan import PLAIN_STEP, PassName, StepPlan, StepResult
 from lightning_nusam.step_options import (
+    DEFAULT_RESYNC_EVERY,
     BatchNormUpdate,
     FirstPassReduction,
     StepOptions,
@@ -252,31 +253,13 @@ class StepEngine:
         self.batch_clones: set[str] | None = None
 
     @property
-    def sync_first_pass(self) -> bool:
-        return self.options.sync_first_pass
-
-    @property
-    def first_pass_reduction(self) -> FirstPassReduction:
-        return self.options.first_pass_reduction
-
-    @property
-    def batchnorm_update(self) -> BatchNormUpdate:
-        return self.options.batchnorm_update
-
-    @property
-    def same_random_draws(self) -> bool:
-        return self.options.same_random_draws
-
-    @property
-    def resync_every(self) -> int:
-        return self.options.resync_every
-
-    @property
     def perturbation_reduces(self) -> bool:
         """Whether a synced first pass runs without the gradient all-reduce, the perturbation
         averaging over :attr:`replicas` only what it reads."""
-        return (self.replicas is not None and self.sync_first_pass and self.first_pass_reduction == "auto"
-                and self.perturbation is not None and self.perturbation.replica_reduction != "gradient")
+        options = self.options
+        return (self.replicas is not None and options.sync_first_pass
+                and options.first_pass_reduction == "auto" and self.perturbation is not None
+                and self.perturbation.replica_reduction != "gradient")
 
     @property
     def plan(self) -> StepPlan:
@@ -432,7 +415,7 @@ class StepEngine:
         self.state_guard.drop()
         self._step, self.current_pass = None, None
         first, second = (torch.stack(v).float().mean() if v else None for v in step.losses.values())
-        if step.plan.two_pass and step.perturbed and not self.sync_first_pass:
+        if step.plan.two_pass and step.perturbed and not self.options.sync_first_pass:
             self.resynchronize(global_step)
         return StepResult(step.plan, step.perturbed, first, second)
 
@@ -469,7 +452,7 @@ class StepEngine:
         if plan.two_pass:
             modules = list(self.model.named_modules())  # one walk for both
             self.state_guard.begin(modules)
-            if self.same_random_draws:
+            if self.options.same_random_draws:
                 self._step.cuda_devices = self._cuda_devices()
                 self._step.generators = owned_generators(self.model, modules)
 
@@ -490,13 +473,13 @@ class StepEngine:
         step.micro_batches.append(micro_batch)
         stack = contextlib.ExitStack()
         if plan.two_pass:
-            if self.same_random_draws:
+            if self.options.same_random_draws:
                 micro_batch.random_state = RandomState.capture(step.cuda_devices, step.generators)
             clones = True if self.batch_clones is None else self.batch_clones
             micro_batch.replay, micro_batch.leaves = copy_batch(batch, clones)
             micro_batch.opened = micro_batch.versions()
-            sync = last and self.sync_first_pass and not self.perturbation_reduces
-            if self.batchnorm_update == "second":
+            sync = last and self.options.sync_first_pass and not self.perturbation_reduces
+            if self.options.batchnorm_update == "second":
                 stack.enter_context(frozen_running_stats(self.model))
             name: PassName | None = "first"
         else:
@@ -540,7 +523,7 @@ class StepEngine:
             self._check_first_pass_batch(self._current)
         if step.plan.one_pass and step.plan.perturb:
             self.perturbation.restore()
-        if last and step.plan.two_pass and self.same_random_draws:
+        if last and step.plan.two_pass and self.options.same_random_draws:
             step.random_state_after = RandomState.capture(step.cuda_devices)
         if last:
             self._estimate_once()
@@ -645,12 +628,12 @@ class StepEngine:
         whose restore is exact (SAM, SAM-ON, and νSAM/GaussSAM on bf16/fp16 weights) skip it.
         """
         if (
-            self.resync_every == 0
+            self.options.resync_every == 0
             or self.perturbation is None
             or self.perturbation.exact_restore
             or not (dist.is_available() and dist.is_initialized())
             or dist.get_world_size() == 1
-            or global_step - self.last_resync_step < self.resync_every
+            or global_step - self.last_resync_step < self.options.resync_every
         ):
             return False
         for parameter in self.model.parameters():
@@ -666,7 +649,7 @@ class StepEngine:
         with contextlib.ExitStack() as stack:
             if not last and passes is not None:
                 stack.enter_context(passes.no_sync())
-            if self.batchnorm_update == "first":
+            if self.options.batchnorm_update == "first":
                 stack.enter_context(frozen_running_stats(self.model))
             if micro_batch.random_state is not None:
                 micro_batch.random_state.restore()
@@ -741,3 +724,25 @@ class StepEngine:
             optimizer.zero_grad(set_to_none=True)
         else:
             self.model.zero_grad(set_to_none=True)
+
+
+#: what this module defines, and what it re-exports from the modules below it (as before)
+__all__ = [
+    "DEFAULT_RESYNC_EVERY",
+    "PLAIN_STEP",
+    "BatchNormUpdate",
+    "FirstPassReduction",
+    "LossPasses",
+    "PassName",
+    "Passes",
+    "RandomState",
+    "StepEngine",
+    "StepOptions",
+    "StepPlan",
+    "StepResult",
+    "data_parallel_replicas",
+    "frozen_running_stats",
+    "metric_updates_undone",
+    "optimizer_needs_closure",
+    "optimizer_parameters",
+]
