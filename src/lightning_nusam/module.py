@@ -19,6 +19,3 @@ def __getattr__(name: str) -> object:
                   DeprecationWarning, stacklevel=2)
     return getattr(importlib.import_module(_MOVED[name]), name)
 
-
-def __dir__() -> list[str]:
-    return sorted(_MOVED)
