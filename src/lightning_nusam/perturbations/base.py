@@ -328,8 +328,7 @@ class Perturbation(abc.ABC):
         self._follow_model()
         self._require_gradients("perturb")
         with self._no_autocast():
-            self._estimate(replicas)
-            self._apply_checked(rho)
+            self._perturb(rho, replicas)
 
     @torch.no_grad()
     def estimate(self) -> None:
@@ -380,6 +379,12 @@ class Perturbation(abc.ABC):
         self._is_perturbed = False
         self._applied_rho = 0.0
         self._clean = None
+
+    def _perturb(self, rho: float | None, replicas: dist.ProcessGroup | None) -> None:
+        """:meth:`perturb`'s work: :meth:`_estimate`, then :meth:`_apply_checked` (a subclass may
+        run both halves' arithmetic in one go)."""
+        self._estimate(replicas)
+        self._apply_checked(rho)
 
     def _apply_checked(self, rho: float | None, repeat: bool = False) -> None:
         radius = self.rho if rho is None else check_rho(rho)

@@ -64,11 +64,14 @@ class ExceptionBudget:
     count from the next step on.
     """
 
-    def __init__(self, numel: int, device: torch.device) -> None:
+    def __init__(self, numel: int, device: torch.device, needed: torch.Tensor | None = None) -> None:
         self.numel = numel
         self.capacity = min(numel, max(MIN_EXCEPTIONS, -(-numel // int(1 / EXCEPTION_SHARE))))
-        pinned = device.type == "cuda" and torch.cuda.is_available()
-        self.needed = torch.zeros((), dtype=torch.int64, pin_memory=pinned)  # in host memory
+        if needed is None:
+            needed = torch.zeros((), dtype=torch.int64, pin_memory=pinned_host_memory(device))
+        #: the count of the last step, in host memory (an element of a buffer that several
+        #: budgets share, when given: their counts then arrive in one copy)
+        self.needed = needed
         self.overflows = 0
 
     def grow(self) -> int:
@@ -82,6 +85,12 @@ class ExceptionBudget:
 
     def record(self, count: torch.Tensor) -> None:
         self.needed.copy_(count, non_blocking=True)
+
+
+def pinned_host_memory(device: torch.device) -> bool:
+    """Whether host buffers that receive counts from ``device`` are pinned (a copy into them
+    does not wait for the device then)."""
+    return device.type == "cuda" and torch.cuda.is_available()
 
 
 @dataclass

@@ -33,11 +33,18 @@ from lightning_nusam.checks import (
     check_types,
 )
 from lightning_nusam.perturbations.base import DEFAULT_TAU, Perturbation, own_options
+from lightning_nusam.perturbations.compiled import (
+    CompiledPrograms,
+    check_execution,
+    device_problem,
+    nuclear_functions,
+)
 from lightning_nusam.perturbations.exact import (
     LOW_PRECISION_DTYPES,
     ExceptionBudget,
     RoundingExceptions,
     add_removably,
+    pinned_host_memory,
     remove_exactly,
     resolve_exact_restore,
     restores_exactly,
@@ -108,6 +115,9 @@ class _ShapeGroup:
     #: exact restore beside an fp32 head)
     exact: bool = False
     budgets: dict[int, ExceptionBudget] = field(default_factory=dict)
+    #: the compiled path's exception counts of the last step, one per member, in host memory
+    #: (the ``needed`` of each member's budget: they arrive in one copy)
+    needed: torch.Tensor | None = None
     _indices: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
 
     def row_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -136,6 +146,12 @@ class _ShapeGroup:
         if rows == list(range(rows[0], rows[-1] + 1)):
             return self.u[rows[0]:rows[-1] + 1]
         return self.u.index_select(0, self.rows_index(rows))
+
+
+#: rows of a shape group (members, in order)
+Rows = tuple[int, ...]
+#: ``(group index, rows of the group)`` for the groups a compiled program covers
+_Plan = list[tuple[int, Rows]]
 
 
 @dataclass
@@ -191,6 +207,18 @@ class NuclearPerturbation(Perturbation):
             :mod:`~lightning_nusam.perturbations.exact`). fp32/fp64 weights then restore by an
             in-place ``addr_`` (no temporary, a last-bit rounding at most); ``True`` makes them
             exact too, at the cost of one fp32 temporary of each matrix during perturb/restore.
+        execution: ``"eager"`` (default) runs the arithmetic operation by operation, a few
+            kernels per matrix (shaped by ``foreach`` and ``batched``); ``"compiled"`` runs the
+            arithmetic of ``perturb()`` (Algorithm 2 with its guards, the stores of ``u`` and
+            ``v``, ``M_i ← M_i + ρ u_i v_iᵀ`` for every matrix) as one ``torch.compile``'d
+            function, and that of ``restore()`` as another (see
+            :mod:`~lightning_nusam.perturbations.compiled`): the same numbers as the eager path,
+            for a fraction of its host time and launches, at the cost of a compilation (seconds)
+            at the first step and whenever the selection changes. ``foreach``, ``batched`` and
+            ``max_stack_numel`` shape the eager path only. Compiled, νSAM does not average its
+            products over data-parallel ``replicas`` (``replica_reduction`` is then
+            ``"gradient"``: the first pass all-reduces the gradient) and refuses row-sharded
+            (FSDP2) parameters.
 
     One-pass use: :meth:`estimate` after a backward pass keeps ``(u, v)``; :meth:`apply` adds
     ``ρ u vᵀ`` from them before the next forward pass (``supports_one_pass``).
@@ -221,6 +249,7 @@ class NuclearPerturbation(Perturbation):
         "foreach": lambda v: check_flag("foreach", v),
         "max_stack_numel": lambda v: check_count("max_stack_numel", v, 1),
         "tau": lambda v: check_positive("tau", v),  # > 0 here: it keeps the normalisations finite
+        "execution": check_execution,
     }
     supports_one_pass = True
     replica_reduction = "vectors"
@@ -242,6 +271,7 @@ class NuclearPerturbation(Perturbation):
         tau: float = DEFAULT_TAU,
         seed: int = 0,
         exact_restore: bool | None = None,
+        execution: Literal["eager", "compiled"] = "eager",
     ) -> None:
         options = self.check_options(own_options(locals()))  # exclude None: DEFAULT_NUCLEAR_EXCLUDE
         self.power_iterations = options["power_iterations"]
@@ -251,6 +281,14 @@ class NuclearPerturbation(Perturbation):
         self.tau = options["tau"]
         self.seed = options["seed"]
         self._exact_option = options["exact_restore"]
+        self.execution: str = options["execution"]
+        if self.execution == "compiled":
+            # the compiled program cannot hold the collective: the first pass all-reduces the
+            # gradient instead (the engine reads this to choose)
+            self.replica_reduction = "gradient"
+        self._programs: CompiledPrograms | None = None
+        self._pending: _Plan | None = None  # (compiled) an estimate not run yet
+        self._rho_tensors: dict[tuple[torch.device, torch.dtype], tuple[float, torch.Tensor]] = {}
         self._groups: list[_ShapeGroup] = []
         self._skipped: torch.Tensor | int = 0
         select = functools.partial(select_matrices, **{k: options[k] for k in (
@@ -295,6 +333,8 @@ class NuclearPerturbation(Perturbation):
                     group.v[row].copy_(v)
                     if estimated:
                         group.estimated_rows.append(row)
+        if self.execution == "compiled":
+            self._prepare_programs()
 
     @staticmethod
     def _build_groups(
@@ -326,6 +366,10 @@ class NuclearPerturbation(Perturbation):
 
     # ----------------------------------------------------------------------------- step
     def _estimate(self, replicas: dist.ProcessGroup | None) -> None:
+        if self.execution == "compiled":
+            self._refuse_replicas(replicas)
+            self._run_estimate(self._estimate_rows())  # the one-pass estimate()
+            return
         for group in self._groups:
             group.estimated_rows = []
         if replicas is None:
@@ -352,12 +396,22 @@ class NuclearPerturbation(Perturbation):
             self._skipped = (~finite).to(torch.int64) + self._skipped
 
     def _apply(self, rho: float, repeat: bool) -> None:  # ε depends only on (u, v, ρ)
+        if self.execution == "compiled":
+            self._compiled_apply(rho)
+            return
         for group in self._groups:
             for row in group.estimated_rows:
                 self._add_rank_one(group, row, rho)
                 group.applied_rows.append(row)  # restore() undoes exactly the rows added so far
 
     def _restore(self) -> None:
+        if self.execution == "compiled":
+            self._compiled_remove([[local(group.members[row].parameter.data) for row in group.applied_rows]
+                                   for group in self._groups])
+            for group in self._groups:
+                group.applied_rows = []
+                group.exceptions.clear()
+            return
         for group in self._groups:
             while group.applied_rows:  # forgotten one by one: an interruption leaves it consistent
                 row = group.applied_rows[-1]
@@ -368,6 +422,12 @@ class NuclearPerturbation(Perturbation):
 
     def _unperturbed_copies(self) -> dict[int, torch.Tensor]:
         index = {id(item.parameter): i for i, item in enumerate(self._selected)}
+        if self.execution == "compiled":  # the restore's own program, on copies: the same values
+            applied = [[group.members[row].parameter for row in group.applied_rows] for group in self._groups]
+            copies = [[p.detach().clone() for p in parameters] for parameters in applied]
+            self._compiled_remove([[local(copy) for copy in group] for group in copies])
+            return {index[id(p)]: copy for parameters, group in zip(applied, copies, strict=True)
+                    for p, copy in zip(parameters, group, strict=True)}
         copies = {}
         for group in self._groups:
             for row in group.applied_rows:
@@ -550,6 +610,169 @@ class NuclearPerturbation(Perturbation):
         else:
             weight.view(u.shape[0], v.shape[0]).addr_(u.to(weight.dtype), v.to(weight.dtype), alpha=alpha)
 
+    # ----------------------------------------------------------------------------- compiled
+    #: νSAM-Norm's scale in the compiled programs (the eager path calls :meth:`_matrix_scales`)
+    _compiled_normalized: ClassVar[bool] = False
+
+    def _prepare_programs(self) -> None:
+        """Check that the selection can run compiled, and start a fresh set of programs for it
+        (compiled at their first call)."""
+        if any(group.sharding is not None for group in self._groups):
+            raise ValueError(
+                "`execution='compiled'` cannot perturb row-sharded (FSDP2) parameters: the power "
+                "iteration's reductions over the shards are collectives, which the compiled program "
+                "does not hold; use `execution='eager'` with FSDP2"
+            )
+        devices = {group.u.device for group in self._groups}
+        if len(devices) > 1:
+            raise ValueError(
+                f"`execution='compiled'` runs one program on one device, and the selected matrices lie "
+                f"on {len(devices)} ({', '.join(sorted(map(str, devices)))}); use `execution='eager'`"
+            )
+        for device in devices:
+            problem = device_problem(device)
+            if problem is not None:
+                raise ValueError(f"`execution='compiled'` is not available: {problem}; "
+                                 "use `execution='eager'`")
+        self._programs = CompiledPrograms(nuclear_functions(
+            self.power_iterations, self.tau, self._compiled_normalized, LOW_PRECISION_DTYPES))
+        self._rho_tensors = {}
+
+    @staticmethod
+    def _refuse_replicas(replicas: dist.ProcessGroup | None) -> None:
+        if replicas is not None:
+            raise RuntimeError(
+                "`execution='compiled'` does not average the power iteration over data-parallel "
+                "`replicas` (the collective cannot run inside the compiled program): all-reduce the "
+                "first-pass gradient and call perturb() without `replicas` (the engine does so, as "
+                "`replica_reduction` is 'gradient'), or use `execution='eager'`"
+            )
+
+    def _perturb(self, rho: float | None, replicas: dist.ProcessGroup | None) -> None:
+        """Compiled: the estimate and the addition of ``ε`` run as one program (the estimate is
+        left pending for :meth:`_apply`, and runs alone if nothing is applied)."""
+        if self.execution != "compiled":
+            super()._perturb(rho, replicas)
+            return
+        self._refuse_replicas(replicas)
+        self._pending = self._estimate_rows()
+        try:
+            self._apply_checked(rho)
+        finally:
+            pending, self._pending = self._pending, None
+            if pending is not None:  # not applied (no gradient, or a bad radius): estimate only
+                self._run_estimate(pending)
+
+    def _estimate_rows(self) -> _Plan:
+        """``(group index, rows)`` of the members that train and have a gradient: what the next
+        estimate reads. ``estimated_rows`` are set to them now (the arithmetic follows)."""
+        plan = []
+        for k, group in enumerate(self._groups):
+            group.estimated_rows = [i for i, item in enumerate(group.members)
+                                    if self.trains(item) and dense_gradient(item) is not None]
+            if group.estimated_rows:
+                plan.append((k, tuple(group.estimated_rows)))
+        return plan
+
+    def _vectors(self, plan: _Plan) -> tuple[list[torch.Tensor], list[torch.Tensor], tuple[Rows, ...]]:
+        """``u`` and ``v`` of the groups of ``plan``, and their rows."""
+        groups = [self._groups[k] for k, _ in plan]
+        return [g.u for g in groups], [g.v for g in groups], tuple(rows for _, rows in plan)
+
+    def _gradients(self, plan: _Plan) -> list[list[torch.Tensor]]:
+        return [[local(self._groups[k].members[row].parameter.grad) for row in rows] for k, rows in plan]
+
+    def _weights(self, plan: _Plan) -> list[list[torch.Tensor]]:
+        return [[local(self._groups[k].members[row].parameter.data) for row in rows] for k, rows in plan]
+
+    def _skip_counter(self, device: torch.device) -> torch.Tensor:
+        """``skipped_steps`` as an int64 tensor on ``device``, which the program increments."""
+        skipped = self._skipped
+        if not (isinstance(skipped, torch.Tensor) and skipped.device == device
+                and skipped.dtype == torch.int64):
+            skipped = self._skipped = (
+                skipped.to(device=device, dtype=torch.int64) if isinstance(skipped, torch.Tensor)
+                else torch.full((), int(skipped), dtype=torch.int64, device=device))
+        return skipped
+
+    def _rho_tensors_of(self, plan: _Plan, rho: float) -> list[torch.Tensor]:
+        """ρ as a 0-d tensor of each group's vector dtype and device, refilled only when it
+        changes (a tensor, not a number, so that a new radius does not recompile)."""
+        tensors = []
+        for k, _ in plan:
+            u = self._groups[k].u
+            held = self._rho_tensors.get((u.device, u.dtype))
+            if held is None:
+                held = (rho, torch.full((), rho, dtype=u.dtype, device=u.device))
+            elif held[0] != rho:
+                held = (rho, held[1].fill_(rho))
+            self._rho_tensors[(u.device, u.dtype)] = held
+            tensors.append(held[1])
+        return tensors
+
+    def _capacities(self, group: _ShapeGroup, rows: tuple[int, ...]) -> tuple[int, ...]:
+        """The exception slots of ``rows`` for this step (exactly restored groups; see
+        :class:`~lightning_nusam.perturbations.exact.ExceptionBudget`); part of the plan."""
+        if not group.exact:
+            return ()
+        if group.needed is None:
+            device = group.u.device
+            group.needed = torch.zeros(len(group.members), dtype=torch.int64,
+                                       pin_memory=pinned_host_memory(device))
+            numel = local(group.members[0].parameter.detach()).numel()
+            group.budgets = {row: ExceptionBudget(numel, device, needed=group.needed[row])
+                             for row in range(len(group.members))}
+        return tuple(group.budgets[row].grow() for row in rows)
+
+    def _run_estimate(self, plan: _Plan) -> None:
+        if not plan:
+            return
+        us, vs, rows = self._vectors(plan)
+        with torch.no_grad():
+            self._programs("estimate", tuple(plan), self._gradients(plan), us, vs, rows,
+                           self._skip_counter(us[0].device))
+
+    def _compiled_apply(self, rho: float) -> None:
+        """Add ``ε`` to the rows estimated last (with the pending estimate first, in one program)."""
+        plan = [(k, tuple(group.estimated_rows)) for k, group in enumerate(self._groups)
+                if group.estimated_rows]
+        us, vs, rows = self._vectors(plan)
+        exact = tuple(self._groups[k].exact for k, _ in plan)
+        capacities = tuple(self._capacities(self._groups[k], r) for k, r in plan)
+        key = (tuple(plan), exact, capacities)
+        arguments = (us, vs, rows)
+        with torch.no_grad():
+            if self._pending is not None:  # the rows just estimated
+                self._pending = None
+                exceptions, counts = self._programs(
+                    "perturb", key, self._gradients(plan), self._weights(plan), *arguments,
+                    self._skip_counter(us[0].device), self._rho_tensors_of(plan, rho), exact, capacities)
+            else:
+                exceptions, counts = self._programs("add", key, self._weights(plan), *arguments,
+                                                    self._rho_tensors_of(plan, rho), exact, capacities)
+        for (k, group_rows), found, count in zip(plan, exceptions, counts, strict=True):
+            group = self._groups[k]
+            if group.exact:
+                group.needed.copy_(count, non_blocking=True)
+                group.exceptions = {row: RoundingExceptions(*tensors)
+                                    for row, tensors in zip(group_rows, found, strict=True)}
+            group.applied_rows = list(group_rows)
+
+    def _compiled_remove(self, weights: list[list[torch.Tensor]]) -> None:
+        """Remove ``ε`` from ``weights`` (per group, those of its ``applied_rows``: the
+        parameters' data, or copies of them) with the restore's program."""
+        plan = [(k, tuple(group.applied_rows)) for k, group in enumerate(self._groups) if group.applied_rows]
+        if not plan:
+            return
+        us, vs, rows = self._vectors(plan)
+        exact = tuple(self._groups[k].exact for k, _ in plan)
+        exceptions = [[(e.index, e.value, e.added) for e in map(self._groups[k].exceptions.get, r)]
+                      if self._groups[k].exact else [] for k, r in plan]
+        capacities = tuple(tuple(index.shape[0] for index, _, _ in found) for found in exceptions)
+        with torch.no_grad():
+            self._programs("remove", (tuple(plan), exact, capacities), [weights[k] for k, _ in plan], us, vs,
+                           rows, self._rho_tensors_of(plan, self._applied_rho), exact, exceptions)
+
     # ----------------------------------------------------------------------------- accounting
     def held_tensors(self) -> Iterator[torch.Tensor]:
         for group in self._groups:
@@ -634,6 +857,8 @@ class NuclearNormalizedPerturbation(NuclearPerturbation):
         >>> model(torch.randn(4, 8)).square().mean().backward()
         >>> nusam_norm.perturb(); nusam_norm.restore()
     """
+
+    _compiled_normalized = True
 
     def _matrix_scales(self, sigmas: list[torch.Tensor]) -> list[torch.Tensor | None]:
         if self.foreach:
