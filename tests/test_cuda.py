@@ -9,12 +9,15 @@
 - the peak CUDA memory of a νSAM step is AdamW's plus its vectors, SAM's is νSAM's plus a copy
   of the perturbed weights;
 - perturb() and restore() do not synchronise with the host (``torch.cuda.set_sync_debug_mode``);
-- the drop-in trains a ``torch.compile``-d model as it trains the eager one.
+- the drop-in trains a ``torch.compile``-d model as it trains the eager one;
+- νSAM's compiled path (``execution="compiled"``: Triton programs) gives the looped reference's
+  ε, restores bf16 weights bit-exactly, does not recompile for a new ρ and does not synchronise.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 from collections.abc import Callable, Iterator
 
@@ -299,6 +302,39 @@ def test_sync_check_perturb_and_restore_never_synchronise_with_the_host(method, 
 
 
 # 6. torch.compile (last: the slowest, it compiles for tens of seconds) ----------------------------
+@pytest.mark.parametrize("precision", ["fp32", "bf16-true"])
+def test_compiled_nusam_equals_the_looped_reference_on_cuda_and_never_synchronises(precision):
+    """``execution="compiled"`` on the GPU against the looped reference, both fed the same
+    gradients, three steps with a changing ρ: the same weights (to a last-bit rounding of u and v),
+    bf16 weights restored bit-exactly, two programs compiled at the first step and none after,
+    and (after that first step) no host synchronisation in perturb() or restore()."""
+    dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    torch.manual_seed(0)
+    model = TinyViTLike(dim=64).to(CUDA, dtype)
+    twin = copy.deepcopy(model)
+    compiled = NuclearPerturbation(model, rho=0.1, execution="compiled")
+    reference = NuclearPerturbation(twin, rho=0.1, foreach=False, batched=False)
+    initial = snapshot(model)
+    tolerance = {"rtol": 2**-7, "atol": 1e-5} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-6}
+    for step, rho in enumerate([0.1, 0.05, 0.08]):  # small enough for the bf16 exception budgets
+        cuda_first_pass(model, seed=step)
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            q.grad = p.grad.clone()
+        checked = host_sync_is_an_error() if step > 0 else contextlib.nullcontext()  # step 0 compiles
+        with checked:
+            compiled.perturb(rho)
+        reference.perturb(rho)
+        for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(p, q, **tolerance, msg=name)
+        with checked:
+            compiled.restore()
+        reference.restore()
+        if dtype == torch.bfloat16:
+            assert all(torch.equal(p, initial[n]) for n, p in model.named_parameters())
+    torch.cuda.synchronize()
+    assert compiled._programs.compiles == 2 and compiled.steps == 3 and compiled.skipped_steps == 0
+
+
 def test_the_drop_in_trains_a_compiled_model_as_the_eager_one():
     modules = {}
     for compiled in (False, True):
