@@ -75,8 +75,8 @@ demo: $(VENV)/.installed-demo
 bench: install
 	$(PY) benchmarks/memory_speed.py $(BENCH_ARGS)
 
-# On a machine with one GPU: the CUDA tier (tests/test_cuda.py) and the step benchmark, under 6
-# minutes on an H200, results in OUT. No virtualenv and no network: GPU_PYTHON needs torch,
+# On a machine with one GPU: the CUDA tier (tests/test_cuda.py) and the step benchmark, under 8
+# minutes on an H200 (compiled νSAM compiles once per model), results in OUT. No virtualenv and no network: GPU_PYTHON needs torch,
 # lightning, timm, transformers and pytest (pytorch_optimizer for the peer SAM row, if present).
 # make gpu-check GPU_PYTHON=python3 OUT=/some/dir   (GPU_CHECK_ARGS=--tiny: tiny models, anywhere)
 GPU_PYTHON ?= python3

@@ -24,6 +24,13 @@ a shared machine do not count) of ``--repeats`` perturb+restore on a copy of eac
 divided by 16 (same parameters, matrices and shape groups, tiny arithmetic), so that what remains
 is the host's work per launch.
 
+``nusam_compiled`` (``NuclearPerturbation(execution="compiled")``, asked for with ``--methods``:
+it compiles for tens of seconds per model and precision) runs inside ``torch.compile``'d
+programs, which a dispatch mode cannot see into: its row has the host time on the ÷16 copy, the
+seconds its first perturb+restore took (the compilation), and as ``kernels`` the number of
+kernels inductor generated for its two programs on that copy (C++ loops on a CPU: how many a
+GPU would launch is measured by ``make gpu-check``); no bytes or synchronisations.
+
 Usage::
 
     python benchmarks/counting.py --label after            # all models, writes benchmarks/results/
@@ -62,6 +69,10 @@ METHODS: dict[str, tuple[Callable[..., object], dict]] = {
     "sam": (L2Perturbation, {}),
     "asam": (L2Perturbation, {"adaptive": True}),
     "gausssam": (GaussianPerturbation, {}),
+}
+#: Measured on the ÷16 copy only (see the module docstring); not run unless asked for.
+COMPILED_METHODS: dict[str, tuple[Callable[..., object], dict]] = {
+    "nusam_compiled": (NuclearPerturbation, {"execution": "compiled"}),
 }
 PRECISIONS = ("fp32", "bf16-mixed", "bf16")
 
@@ -130,7 +141,7 @@ def host_us(run: Callable[[], None], precision: str, repeats: int) -> float:
 
 
 def perturbation_run(model: nn.Module, method: str) -> tuple[Callable[[], None], list[torch.Tensor]]:
-    cls, options = METHODS[method]
+    cls, options = {**METHODS, **COMPILED_METHODS}[method]
     perturbation = cls(model, rho=0.05, **options)
 
     def run() -> None:
@@ -164,9 +175,29 @@ def peer_runs(model: nn.Module) -> dict[str, tuple[Callable[[], None], list[torc
     return runs
 
 
+def compiled_row(small: nn.Module, name: str, method: str, precision: str, repeats: int) -> dict:
+    """A compiled method on the ÷16 copy: the kernels inductor generates for its programs (its
+    caches off, so that it generates them), the time of the first (compiling) call, host µs."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+    from torch._inductor import metrics
+
+    run, parameters = perturbation_run(small, method)
+    metrics.reset()
+    start = time.perf_counter()
+    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False), \
+            precision_context(precision):
+        run()
+    return {"model": name, "method": method, "precision": precision, "compiled": True,
+            "kernels": metrics.generated_kernel_count, "compile_s": time.perf_counter() - start,
+            "host_us": host_us(run, precision, repeats), "parameters": len(parameters)}
+
+
 def measure_model(name: str, methods: list[str], precisions: list[str], repeats: int,
                   with_host: bool) -> list[dict]:
     rows = []
+    compiled = [method for method in methods if method in COMPILED_METHODS]
+    methods = [method for method in methods if method not in COMPILED_METHODS]
     for precision in precisions:
         model = build(name)
         if precision == "bf16":
@@ -204,6 +235,17 @@ def measure_model(name: str, methods: list[str], precisions: list[str], repeats:
             print(f"{name:8s} {method:14s} {precision:10s} kernels {row['kernels']:5d} syncs "
                   f"{row['syncs']:4d} {row['bytes'] / 1e9:6.2f} GB ({row['bytes_over_minimum']:.2f}x) "
                   f"host {row.get('host_us', float('nan')):8.0f} us", flush=True)
+        for method in compiled if small is not None else ():
+            try:
+                row = compiled_row(small, name, method, precision, repeats)
+            except Exception as error:
+                row = {"model": name, "method": method, "precision": precision,
+                       "error": f"{type(error).__name__}: {str(error)[:120]}"}
+            rows.append(row)
+            shown = row["error"] if "error" in row else (
+                f"kernels {row['kernels']:5d} (generated; compiled in {row['compile_s']:.0f} s) "
+                f"host {row['host_us']:8.0f} us")
+            print(f"{name:8s} {method:14s} {precision:10s} {shown}", flush=True)
         del runs, small_runs, model, small
     return rows
 
@@ -216,6 +258,10 @@ def table(rows: list[dict]) -> str:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['method']} | {r['precision']} | fails: {r['error']} ||||||")
             continue
+        if r.get("compiled"):
+            lines.append(f"| {r['model']} | {r['method']} | {r['precision']} | {r['kernels']:,} generated "
+                         f"| – | – | – | {r['host_us']:,.0f} | compiled in {r['compile_s']:.0f} s |")
+            continue
         sources = "; ".join(f"{n}× {s.split(' at ')[1].split(' ')[0].split('/')[-1]}"
                             for s, n in sorted(r["sync_sources"].items(), key=lambda kv: -kv[1])[:2])
         host = f"{r['host_us']:,.0f}" if "host_us" in r else ""
@@ -227,7 +273,8 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["vit_s", "vit_b", "mixer_b", "bert"])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS),
+                        choices=[*METHODS, *COMPILED_METHODS])
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS))
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--no-host", action="store_true", help="skip the host time")

@@ -1,6 +1,6 @@
 """``make gpu-check``: the CUDA test tier and a step benchmark on one GPU, in one command.
 
-    make gpu-check GPU_PYTHON=python3 OUT=/some/dir   # a GPU machine: under 6 minutes on an H200
+    make gpu-check GPU_PYTHON=python3 OUT=/some/dir   # a GPU machine: under 8 minutes on an H200
     python benchmarks/gpu_check.py --out DIR          # the same without make (PYTHONPATH=src)
     python benchmarks/gpu_check.py --tiny             # anywhere (chosen without CUDA): tiny models
 
@@ -16,7 +16,8 @@
    - the peak memory: ``torch.cuda.max_memory_allocated`` from the model's creation to the end
      of its steps (on a CPU: the peak RSS of the process, which only grows);
    - for νSAM and SAM, perturb() + restore() alone: its median time between CUDA events, the
-     host time to issue it, and its bandwidth limit: the bytes it must move over the measured
+     host time to issue it, the GPU activities (kernels, copies, fills) it launches (counted by
+     ``torch.profiler``; CUDA only), and its bandwidth limit: the bytes it must move over the measured
      device-to-device copy bandwidth. νSAM moves ``(2·T·g + 4·w)`` bytes per perturbed entry
      (each of T power iterations reads the gradient twice, for ``Gᵀu`` and ``Gv``; adding ε and
      removing it each read and write the weight); SAM ``(2·g + 5·w)`` (the gradient read for
@@ -25,8 +26,10 @@
 
    Methods: ``adamw`` (one pass), ``two_pass`` (two forward-backward passes and one AdamW step:
    the floor of any SAM), ``nusam`` and ``sam`` (this package's NuclearPerturbation and
-   L2Perturbation, each step through its StepEngine as every way in takes it) and ``peer_sam``
-   (``pytorch_optimizer.SAM``; "n/a" where it is not installed).
+   L2Perturbation, each step through its StepEngine as every way in takes it), ``nusam_compiled``
+   (``NuclearPerturbation(execution="compiled")``: its first step compiles, the seconds it took
+   are shown; by default on CUDA only, as on a CPU the compilation costs more than the tiny run)
+   and ``peer_sam`` (``pytorch_optimizer.SAM``; "n/a" where it is not installed).
 
 Each model runs in a child process on CUDA, so that a crash or a hang costs that model only, and
 the run keeps to ``--budget-s``. ``gpu_check.md`` and ``gpu_check.json`` are rewritten after every
@@ -63,8 +66,10 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "gpu_check"
 MODELS = ("vit_s16", "vit_b16", "mixer_b16", "bert_base")
-METHODS = ("adamw", "two_pass", "nusam", "sam", "peer_sam")
-PERTURBING = ("nusam", "sam")
+METHODS = ("adamw", "two_pass", "nusam", "nusam_compiled", "sam", "peer_sam")
+PERTURBING = ("nusam", "nusam_compiled", "sam")
+#: run by default on CUDA only (on a CPU its compilation costs more than the tiny run)
+CUDA_ONLY_METHODS = ("nusam_compiled",)
 RHO, LR = 0.05, 1e-4
 MiB = 2**20
 #: vendor figures of HBM bandwidth (bytes/s), shown beside the measured one
@@ -220,7 +225,7 @@ def minimum_bytes(method: str, perturbation: Any) -> int:
     for parameter in perturbation.parameters:
         weight = parameter.element_size()
         gradient = parameter.grad.element_size() if parameter.grad is not None else weight
-        if method == "nusam":
+        if method in ("nusam", "nusam_compiled"):
             total += parameter.numel() * (2 * perturbation.power_iterations * gradient + 4 * weight)
         else:
             total += parameter.numel() * (2 * gradient + 5 * weight)
@@ -276,8 +281,11 @@ def make_step(method: str, model: nn.Module, spec: ModelSpec,
         return two_pass_step, None
     if method not in PERTURBING:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    method_class = NuclearPerturbation if method == "nusam" else L2Perturbation
-    perturbation = method_class(model, rho=RHO)
+    if method == "sam":
+        perturbation = L2Perturbation(model, rho=RHO)
+    else:
+        perturbation = NuclearPerturbation(model, rho=RHO,
+                                           execution="compiled" if method == "nusam_compiled" else "eager")
     engine, passes, micro_batches = StepEngine(model, perturbation), LossPasses(loss), [((inputs, labels), 0)]
 
     def engine_step() -> None:
@@ -293,12 +301,16 @@ def measure(spec: ModelSpec, method: str, device: torch.device, steps: int, warm
     torch.manual_seed(0)
     model = spec.build().to(device).train()
     step, perturbation = make_step(method, model, spec, device)
+    first_step_s = None
     for _ in range(warmup):
+        start = time.perf_counter()
         step()
+        synchronize(device)
+        first_step_s = time.perf_counter() - start if first_step_s is None else first_step_s
     times = timed_ms(step, steps, device)
     row: dict[str, Any] = {"parameters": sum(p.numel() for p in model.parameters()),
                            "median_ms": statistics.median(times), "step_ms": times,
-                           "peak_mib": peak_mib(device)}
+                           "peak_mib": peak_mib(device), "first_step_s": first_step_s}
     if perturbation is not None:  # the gradients of the last step's second pass are still there
         def perturb_restore() -> None:
             perturbation.perturb()
@@ -315,8 +327,27 @@ def measure(spec: ModelSpec, method: str, device: torch.device, steps: int, warm
         row.update(perturbed_tensors=len(perturbation.parameters),
                    perturbed_numel=sum(p.numel() for p in perturbation.parameters),
                    perturb_restore_ms=statistics.median(pairs), perturb_restore_host_ms=host_ms,
+                   perturb_restore_kernels=gpu_activities(perturb_restore, device),
                    minimum_bytes=minimum_bytes(method, perturbation))
     return row
+
+
+def gpu_activities(action: Callable[[], Any], device: torch.device) -> int | None:
+    """How many kernels, copies and fills one call of ``action`` launches on the GPU (counted by
+    ``torch.profiler``); None on a CPU or where the profiler cannot tell."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        synchronize(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+            action()
+            synchronize(device)
+        return sum(1 for event in profiler.events() if event.device_type == torch.autograd.DeviceType.CUDA)
+    except Exception:  # a profiler that cannot run here: the column stays empty
+        traceback.print_exc()
+        return None
 
 
 def run_model(key: str, spec: ModelSpec, methods: list[str], device: torch.device, steps: int, warmup: int,
@@ -476,20 +507,23 @@ def markdown(report: dict[str, Any]) -> str:
         if error:
             lines += [f"({error})", ""]
         lines += ["| method | step (ms) | × two passes | × AdamW | peak (MiB) | vs AdamW (MiB) "
-                  "| perturb + restore (ms) | host (ms) | limit (ms) | × limit |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| perturb + restore (ms) | host (ms) | GPU launches | limit (ms) | × limit "
+                  "| first step (s) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in group:
             if "median_ms" not in r:
                 lines.append(f"| {r['method']} | n/a ({r.get('unavailable') or r.get('error')}) |"
-                             + " |" * 8)
+                             + " |" * 10)
                 continue
             lines.append(
                 f"| {r['method']} | {number(r['median_ms'])} | {number(r.get('x_two_pass'), 3)} | "
                 f"{number(r.get('x_adamw'), 3)} | {number(r['peak_mib'], 0)} | "
                 f"{number(r.get('peak_vs_adamw_mib'), 0, signed=True)} | "
                 f"{number(r.get('perturb_restore_ms'), 3)} | "
-                f"{number(r.get('perturb_restore_host_ms'), 3)} | {number(r.get('limit_ms'), 3)} | "
-                f"{number(r.get('x_limit'), 1)} |")
+                f"{number(r.get('perturb_restore_host_ms'), 3)} | "
+                f"{number(r.get('perturb_restore_kernels'), 0)} | {number(r.get('limit_ms'), 3)} | "
+                f"{number(r.get('x_limit'), 1)} | "
+                f"{number(r.get('first_step_s'), 1)} |")
         lines.append("")
     for section, error in report["errors"].items():
         if section not in settings["models"]:
@@ -524,6 +558,11 @@ def child_environment() -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------ main
+def default_methods(device: torch.device) -> list[str]:
+    """Every method on CUDA; on another device, all but :data:`CUDA_ONLY_METHODS`."""
+    return [m for m in METHODS if device.type == "cuda" or m not in CUDA_ONLY_METHODS]
+
+
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default %(default)s)")
@@ -531,7 +570,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
                         help="tiny models and 2 steps (the default without CUDA)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
+                        help="default: all on CUDA; elsewhere all but " + ", ".join(CUDA_ONLY_METHODS))
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10; tiny 2)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 3; tiny 1)")
     parser.add_argument("--repeats", type=int, default=None,
@@ -539,8 +579,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-tier", action="store_true",
                         help="skip the CUDA tier (pytest tests/test_cuda.py)")
     parser.add_argument("--tier-timeout-s", type=float, default=180.0)
-    parser.add_argument("--model-timeout-s", type=float, default=150.0)
-    parser.add_argument("--budget-s", type=float, default=330.0,
+    parser.add_argument("--model-timeout-s", type=float, default=240.0,
+                        help="per model, its compilation for nusam_compiled included (default %(default)s)")
+    parser.add_argument("--budget-s", type=float, default=420.0,
                         help="models that would start after this many seconds are skipped "
                              "(default %(default)s)")
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
@@ -559,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else (1 if tiny else 3)
     repeats = args.repeats or (3 if tiny else 20)
     specs = model_specs(tiny)
+    args.methods = args.methods or default_methods(device)
     if args.child:  # one model, in its own process; its rows go to args.rows
         run_model(args.child, specs[args.child], args.methods, device, steps, warmup, repeats, args.rows)
         return 0

@@ -5,7 +5,11 @@ import importlib.util
 import json
 import math
 
+import pytest
+import torch
+
 from helpers import load_script
+from lightning_nusam.perturbations.compiled import device_problem, torch_compile_problem
 
 
 def test_tiny_gpu_check_writes_every_model_and_method_with_finite_numbers(tmp_path):
@@ -16,7 +20,9 @@ def test_tiny_gpu_check_writes_every_model_and_method_with_finite_numbers(tmp_pa
     assert status == 0 and report["errors"] == {} and report["settings"]["tiny"]
     assert report["bandwidth"]["measured_bytes_per_s"] > 0
     rows = {(r["model"], r["method"]): r for r in report["rows"]}
-    assert sorted(rows) == sorted((m, k) for m in bench.MODELS for k in bench.METHODS)
+    methods = bench.default_methods(torch.device("cpu"))
+    assert "nusam_compiled" not in methods  # on CUDA only, unless asked for (next test)
+    assert sorted(rows) == sorted((m, k) for m in bench.MODELS for k in methods)
     peer_installed = importlib.util.find_spec("pytorch_optimizer") is not None
     for (model, method), row in rows.items():
         if method == "peer_sam" and not peer_installed:
@@ -35,9 +41,26 @@ def test_tiny_gpu_check_writes_every_model_and_method_with_finite_numbers(tmp_pa
     table = (tmp_path / "gpu_check.md").read_text()
     for spec in bench.model_specs(tiny=True).values():
         assert f"### {spec.label}, batch {spec.batch_size}" in table
-    for method in bench.METHODS:
+    for method in methods:
         assert table.count(f"| {method} | ") == len(bench.MODELS)
     assert len((tmp_path / "gpu_check_rows.jsonl").read_text().splitlines()) == len(rows)
+
+
+@pytest.mark.skipif((torch_compile_problem() or device_problem(torch.device("cpu"))) is not None,
+                    reason="no torch.compile here")
+def test_tiny_gpu_check_measures_compiled_nusam_when_asked(tmp_path):
+    bench = load_script("benchmarks/gpu_check.py")
+    status = bench.main(["--tiny", "--device", "cpu", "--no-tier", "--steps", "1", "--warmup", "1",
+                         "--repeats", "1", "--models", "vit_s16", "--methods", "two_pass", "nusam_compiled",
+                         "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert status == 0 and report["errors"] == {}
+    row = next(r for r in report["rows"] if r["method"] == "nusam_compiled")
+    for name in ["median_ms", "x_two_pass", "perturb_restore_ms", "perturb_restore_host_ms", "limit_ms",
+                 "first_step_s"]:
+        assert math.isfinite(row[name]), name
+    assert row["perturb_restore_kernels"] is None  # counted on CUDA only
+    assert "| nusam_compiled | " in (tmp_path / "gpu_check.md").read_text()
 
 
 def test_the_tier_outcomes_come_from_the_junit_xml_and_a_stopped_run_from_its_log(tmp_path):
