@@ -3,15 +3,22 @@
 The eager path launches a few kernels per weight matrix, each costing some µs of host (Python
 and dispatcher) time; on a GPU that host time, not the bytes, sets the cost of ``perturb()`` and
 ``restore()``. Here the arithmetic of a whole step runs as one function compiled with
-``torch.compile(fullgraph=True, dynamic=False)``, over the lists of gradients, weights and
-power-iteration vectors of all selected matrices at once:
+``torch.compile(fullgraph=True, dynamic=False)``, over the lists of gradients ``G_i``, weights
+``M_i`` and power-iteration vectors ``u_i``, ``v_i`` of all selected matrices at once.
+``perturb`` computes, for every matrix ``i`` that trains and has a gradient::
 
-- ``perturb``: Algorithm 2 (``T`` warm-started power iterations per matrix), the guards (a
-  non-finite gradient anywhere skips the step and is counted; a zero gradient keeps the previous
-  ``u``), the νSAM-Norm scale, the stores of ``u`` and ``v``, and ``M_i ← M_i + ρ u_i v_iᵀ``;
-- ``estimate`` and ``add``: the same in two halves (a one-pass step);
-- ``remove``: ``M_i ← M_i − ρ u_i v_iᵀ`` (with the rounding exceptions written back where the
-  restore is exact, see :mod:`~lightning_nusam.perturbations.exact`).
+    repeat T times:                                   # Algorithm 2, warm-started at u_i
+        v_i ← G_iᵀ u_i / (‖G_iᵀ u_i‖₂ + τ)
+        u_i ← G_i v_i / (‖G_i v_i‖₂ + τ),   σ_i = ‖G_i v_i‖₂
+    finite = every u_i and v_i is finite              # one flag for the step
+    u_i    ← u_i if finite and σ_i > 0, else the previous u_i (the warm start never collapses)
+    v_i    ← v_i · s_i if finite, else 0              # s_i = 1 (νSAM), σ_i / √(Σ_j σ_j²) (νSAM-Norm)
+    skipped_steps += not finite
+    M_i    ← M_i + ρ u_i v_iᵀ                         # eq. (8a)
+
+``estimate`` and ``add`` are its two halves (a one-pass step); ``remove`` is the restore,
+``M_i ← M_i − ρ u_i v_iᵀ`` (eq. 8b), with the rounding exceptions written back where the restore
+is exact (bf16/fp16 weights; see :mod:`~lightning_nusam.perturbations.exact`).
 
 Everything else (which matrices train and have a gradient, following the model, counters,
 checkpoint hooks) stays in Python, outside the compiled functions. What a compiled function is
@@ -24,8 +31,22 @@ when it changes, so a radius schedule does not recompile.
 
 The functions below are written as the eager reference path writes its arithmetic (the same
 operations in the same order, rounding to low precision where it rounds: inductor's
-``emulate_precision_casts`` is on), so that they give the same numbers, and an exact restore stays
-bit-exact.
+``emulate_precision_casts`` is on), so that they give the same numbers to the last bits of a
+summation order, and an exact restore stays bit-exact.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_nusam.perturbations import NuclearPerturbation
+    >>> model = nn.Sequential(nn.Linear(8, 4))
+    >>> nusam = NuclearPerturbation(model, rho=0.1, execution="compiled")
+    >>> model(torch.randn(2, 8)).square().sum().backward()
+    >>> before = model[0].weight.detach().clone()
+    >>> nusam.perturb()   # compiles at the first call (seconds), then reuses the program
+    >>> eps = model[0].weight.detach() - before
+    >>> round(float(torch.linalg.matrix_norm(eps, ord="nuc")), 4)  # rank one, nuclear norm ρ
+    0.1
+    >>> nusam.restore()
 """
 
 from __future__ import annotations
