@@ -20,10 +20,11 @@ from torch import nn
 from helpers import TinyViTLike
 from lightning_nusam import NuSAM
 from lightning_nusam.perturbations import NuclearNormalizedPerturbation, NuclearPerturbation
+from lightning_nusam.perturbations import compiled as compiled_module
 from lightning_nusam.perturbations.compiled import device_problem, torch_compile_problem
 
 _problem = torch_compile_problem() or device_problem(torch.device("cpu"))
-pytestmark = pytest.mark.skipif(_problem is not None, reason=f"no torch.compile here: {_problem}")
+needs_compile = pytest.mark.skipif(_problem is not None, reason=f"no torch.compile here: {_problem}")
 
 RHO = 0.1
 
@@ -85,6 +86,7 @@ def nusam(compiled_nusam):
     return model, compiled, twin, reference
 
 
+@needs_compile
 def test_compiled_equals_the_looped_reference_with_a_changing_rho_without_recompiling(nusam):
     model, compiled, twin, reference = nusam
     breaks = dict(torch._dynamo.utils.counters["graph_break"])
@@ -113,6 +115,7 @@ def test_compiled_equals_the_looped_reference_with_a_changing_rho_without_recomp
 CLASSES_AND_ITERATIONS = [(NuclearPerturbation, 3), (NuclearNormalizedPerturbation, 2)]
 
 
+@needs_compile
 @pytest.mark.parametrize(("cls", "iterations"), CLASSES_AND_ITERATIONS,
                          ids=["nusam_T3", "nusam_norm_T2"])
 def test_more_power_iterations_and_nusam_norm_equal_the_reference(cls, iterations):
@@ -130,6 +133,7 @@ def test_more_power_iterations_and_nusam_norm_equal_the_reference(cls, iteration
         assert_weights_close(model, twin)
 
 
+@needs_compile
 def test_a_zero_gradient_adds_nothing_and_keeps_the_warm_start(nusam):
     model, compiled, twin, reference = nusam
     give_gradients([model, twin], seed=0)
@@ -148,6 +152,7 @@ def test_a_zero_gradient_adds_nothing_and_keeps_the_warm_start(nusam):
     assert compiled.skipped_steps == 0
 
 
+@needs_compile
 def test_a_non_finite_gradient_skips_the_step_and_counts_it(nusam):
     model, compiled, twin, reference = nusam
     give_gradients([model, twin], seed=0)
@@ -172,6 +177,7 @@ def test_a_non_finite_gradient_skips_the_step_and_counts_it(nusam):
     assert compiled.skipped_steps == 1 and compiled.steps == 2
 
 
+@needs_compile
 def test_the_one_pass_halves_equal_the_reference(nusam):
     model, compiled, twin, reference = nusam
     for step in range(2):
@@ -189,6 +195,7 @@ def test_the_one_pass_halves_equal_the_reference(nusam):
     assert compiled.steps == 2
 
 
+@needs_compile
 def test_a_checkpoint_while_perturbed_holds_what_restore_gives_back(nusam):
     model, compiled, _, _ = nusam
     give_gradients([model], seed=0)
@@ -198,6 +205,7 @@ def test_a_checkpoint_while_perturbed_holds_what_restore_gives_back(nusam):
     assert all(torch.equal(saved[name], p) for name, p in model.named_parameters())
 
 
+@needs_compile
 def test_a_frozen_matrix_compiles_its_plan_once_and_an_earlier_plan_is_reused(nusam):
     model, compiled, twin, reference = nusam
     give_gradients([model, twin], seed=0)
@@ -229,6 +237,7 @@ def test_a_frozen_matrix_compiles_its_plan_once_and_an_earlier_plan_is_reused(nu
     assert compiled._programs.compiles == compiles + 2  # the first plan again: kept
 
 
+@needs_compile
 def test_bf16_weights_are_restored_bit_exactly_and_perturbed_as_the_reference_does():
     """ρ = 30 overflows the exception budgets of two matrices at first: they are left unperturbed
     for that step (still exact), and the grown budgets compile one new plan."""
@@ -252,6 +261,7 @@ def test_bf16_weights_are_restored_bit_exactly_and_perturbed_as_the_reference_do
     assert compiled.held_numel() == reference.held_numel()  # the same vectors, no exceptions held now
 
 
+@needs_compile
 def test_the_option_is_checked_and_refuses_what_cannot_run_compiled():
     with pytest.raises(ValueError, match="`execution` must be one of 'eager', 'compiled'"):
         NuclearPerturbation(tiny_model(), execution="jit")
@@ -267,3 +277,11 @@ def test_the_option_is_checked_and_refuses_what_cannot_run_compiled():
         compiled.perturb(replicas=object())
     assert not compiled.is_perturbed
     assert "runs on cpu and cuda tensors, not meta" in device_problem(torch.device("meta"))
+
+
+def test_a_torch_without_the_compiler_refuses_compiled_at_construction(monkeypatch):
+    monkeypatch.setattr(compiled_module, "torch_compile_problem", lambda: "torch 2.3 is too old")
+    with pytest.raises(ValueError, match=r"`execution='compiled'` is not available: torch 2.3 is too old; "
+                                         r"use `execution='eager'`"):
+        NuclearPerturbation(tiny_model(), execution="compiled")
+    NuclearPerturbation(tiny_model())  # eager needs no compiler

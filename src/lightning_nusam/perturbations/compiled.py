@@ -38,8 +38,10 @@ Example:
     >>> import torch
     >>> from torch import nn
     >>> from lightning_nusam.perturbations import NuclearPerturbation
+    >>> from lightning_nusam.perturbations.compiled import torch_compile_problem
+    >>> execution = "compiled" if torch_compile_problem() is None else "eager"  # an older torch: eager
     >>> model = nn.Sequential(nn.Linear(8, 4))
-    >>> nusam = NuclearPerturbation(model, rho=0.1, execution="compiled")
+    >>> nusam = NuclearPerturbation(model, rho=0.1, execution=execution)
     >>> model(torch.randn(2, 8)).square().sum().backward()
     >>> before = model[0].weight.detach().clone()
     >>> nusam.perturb()   # compiles at the first call (seconds), then reuses the program
@@ -97,7 +99,7 @@ def torch_compile_problem() -> str | None:
         return f"torch.compile does not support this Python with torch {torch.__version__}"
     if not hasattr(inductor_config, "emulate_precision_casts") or not hasattr(torch, "nonzero_static"):
         return (f"torch {torch.__version__} is too old (the compiled path needs inductor's "
-                "`emulate_precision_casts` and `torch.nonzero_static`, torch >= 2.6)")
+                "`emulate_precision_casts` and `torch.nonzero_static`; tested with torch 2.14)")
     return None
 
 
