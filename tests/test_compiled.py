@@ -279,6 +279,19 @@ def test_the_option_is_checked_and_refuses_what_cannot_run_compiled():
     assert "runs on cpu and cuda tensors, not meta" in device_problem(torch.device("meta"))
 
 
+@needs_compile
+def test_a_program_that_fails_to_compile_names_the_fix_and_changes_nothing():
+    model = tiny_model()
+    compiled = NuclearPerturbation(model, execution="compiled")
+    compiled._programs.functions["perturb"] = lambda *args: torch._dynamo.graph_break()  # fullgraph: fails
+    give_gradients([model], seed=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"failed to compile or run .*`execution='eager'`"):
+        compiled.perturb()
+    assert not compiled.is_perturbed and not compiled.has_direction and compiled.steps == 0
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
 def test_a_torch_without_the_compiler_refuses_compiled_at_construction(monkeypatch):
     monkeypatch.setattr(compiled_module, "torch_compile_problem", lambda: "torch 2.3 is too old")
     with pytest.raises(ValueError, match=r"`execution='compiled'` is not available: torch 2.3 is too old; "

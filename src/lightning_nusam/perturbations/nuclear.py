@@ -744,9 +744,14 @@ class NuclearPerturbation(Perturbation):
         with torch.no_grad():
             if self._pending is not None:  # the rows just estimated
                 self._pending = None
-                exceptions, counts = self._programs(
-                    "perturb", key, self._gradients(plan), self._weights(plan), *arguments,
-                    self._skip_counter(us[0].device), self._rho_tensors_of(plan, rho), exact, capacities)
+                try:
+                    exceptions, counts = self._programs(
+                        "perturb", key, self._gradients(plan), self._weights(plan), *arguments,
+                        self._skip_counter(us[0].device), self._rho_tensors_of(plan, rho), exact, capacities)
+                except BaseException:  # nothing was estimated: no direction for a later apply()
+                    for group in self._groups:
+                        group.estimated_rows = []
+                    raise
             else:
                 exceptions, counts = self._programs("add", key, self._weights(plan), *arguments,
                                                     self._rho_tensors_of(plan, rho), exact, capacities)
