@@ -58,16 +58,6 @@ def test_every_callback_on_the_dropin_equals_the_mixin(name):
     assert max_weight_difference(dropin.net, mixin.net) <= 1e-6
 
 
-def test_batchnorm_statistics_are_updated_once_per_step_by_the_first_pass():
-    dropin, mixin, _, _ = fit_both(lambda: NuSAM(rho=0.5), net_factory=lambda: make_net(batchnorm=True),
-                                   max_steps=3)
-    bn, reference = dropin.net[1], mixin.net[1]
-    assert int(bn.num_batches_tracked) == 3 and bn.track_running_stats
-    assert torch.allclose(bn.running_mean, reference.running_mean, atol=1e-6)
-    assert torch.allclose(bn.running_var, reference.running_var, atol=1e-6)
-    assert max_weight_difference(dropin.net, mixin.net) <= 1e-6
-
-
 def test_start_and_plain_steps_before_it():
     module = PlainClassifier()
     fit = trainer(max_epochs=3, callbacks=[NuSAM(rho=0.1, start_epoch=2)])
@@ -153,17 +143,3 @@ def test_manual_optimization_without_the_mixin_is_refused():
         trainer(max_steps=1, callbacks=[NuSAM(rho=0.1)]).fit(Manual(), loader(classification_data()))
 
 
-@pytest.mark.parametrize("update", ["second", "both"])
-@pytest.mark.parametrize("accumulate", [1, 3])
-def test_batchnorm_update_choices_equal_the_mixin(update, accumulate):
-    data = classification_data(n=48)
-    dropin = PlainClassifier(net=make_net(batchnorm=True))
-    trainer(max_steps=2, callbacks=[NuSAM(rho=0.5, batchnorm_update=update)],
-            accumulate_grad_batches=accumulate).fit(dropin, loader(data, 4))
-    mixin = Classifier(net=make_net(batchnorm=True), accumulate_grad_batches=accumulate)
-    trainer(max_steps=2, callbacks=[NuSAM(rho=0.5, batchnorm_update=update)]).fit(mixin, loader(data, 4))
-    micro_batches = 2 * accumulate
-    assert int(dropin.net[1].num_batches_tracked) == micro_batches * (2 if update == "both" else 1)
-    assert int(mixin.net[1].num_batches_tracked) == int(dropin.net[1].num_batches_tracked)
-    assert torch.allclose(dropin.net[1].running_mean, mixin.net[1].running_mean, atol=1e-6)
-    assert max_weight_difference(dropin.net, mixin.net) <= 1e-6

@@ -8,7 +8,6 @@ from helpers import (
     Classifier,
     classification_data,
     loader,
-    make_net,
     max_weight_difference,
     reference_loop,
     trainer,
@@ -67,23 +66,6 @@ def test_lr_scheduler_and_global_step_advance_once_per_step(interval, frequency,
     scheduler = fit.lr_scheduler_configs[0].scheduler
     assert scheduler.last_epoch == expected_steps
     assert fit.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05 * 0.5**expected_steps)
-
-
-def test_batchnorm_running_stats_come_from_the_first_pass_only():
-    dataset = classification_data()
-    module = Classifier(net=make_net(batchnorm=True))
-    one_pass = copy.deepcopy(module.net).train()
-    one_pass(dataset.tensors[0][:8])
-    trainer(max_steps=1, callbacks=[NuSAM(rho=0.5)]).fit(module, loader(dataset))
-    assert module.loss_calls == 2
-    bn, expected = module.net[1], one_pass[1]
-    assert torch.equal(bn.running_mean, expected.running_mean)
-    assert torch.equal(bn.running_var, expected.running_var)
-    assert int(bn.num_batches_tracked) == 1 and bn.track_running_stats
-
-    both = Classifier(net=make_net(batchnorm=True))
-    trainer(max_steps=1, callbacks=[NuSAM(rho=0.5, batchnorm_update="both")]).fit(both, loader(dataset))
-    assert int(both.net[1].num_batches_tracked) == 2
 
 
 def test_clipping_happens_on_unscaled_second_pass_gradients():

@@ -1,24 +1,22 @@
 """The programs Lightning users write around their module, with a sharpness-aware callback added.
 
-Fine-tuning callbacks that unfreeze layers, torchmetrics updated in ``training_step``, dropout
-and random draws in the step, ``optimizer_step`` overrides, SWA, skipped batches, the Tuner, an
-LR warm-up under ``rho_schedule="lr"``, checkpoints written in the middle of a step, and misuse of
-the core. Each case is checked against an independent replay; and with ``rho=0`` every callback
-must be exactly a no-op, in every combination below: the weights of the run without it.
+Fine-tuning callbacks that unfreeze layers, torchmetrics updated in ``training_step``,
+``optimizer_step`` overrides, SWA, skipped batches, the Tuner, an LR warm-up under
+``rho_schedule="lr"``, checkpoints written in the middle of a step, and misuse of the core. Each
+case is checked against an independent replay, and with ``rho=0`` against the run without the
+callback. (Random draws in the step, and rho=0 with accumulation, clipping, BatchNorm, dropout
+and skips on every way in: ``test_ways_in.py``.)
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import os
-import random
 import signal
 import stat
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 import torchmetrics
@@ -185,60 +183,6 @@ def test_a_metric_updated_in_compute_loss_counts_each_sample_once():
     module = MixinWithMetrics(accumulate_grad_batches=2)
     trainer(max_epochs=1, callbacks=[SAM(rho=0.5)]).fit(module, loader(classification_data(n=64)))
     assert float(module.seen.compute()) == 64.0
-
-
-# 3. random draws in the step ------------------------------------------------------------------------
-class Mixup(PlainClassifier):
-    """Dropout in the net and a mixing weight drawn in training_step with torch, numpy and random."""
-
-    def __init__(self, **kwargs):
-        super().__init__(net=make_net(dropout=0.5), **kwargs)
-        self.draws: list[tuple[str | None, float, float, float]] = []
-
-    def training_step(self, batch, batch_idx):
-        inputs, labels = batch
-        lam, np_draw, py_draw = float(torch.rand(())), float(np.random.rand()), random.random()
-        self.draws.append((sam_pass(self), lam, np_draw, py_draw))
-        mixed = lam * inputs + (1 - lam) * inputs.flip(0)
-        logits = self.net(mixed)
-        return lam * nn.functional.cross_entropy(logits, labels) + (1 - lam) * nn.functional.cross_entropy(
-            logits, labels.flip(0))
-
-
-def draws_after_fit(callbacks, accumulate=1):
-    L.seed_everything(7)
-    module = Mixup()
-    trainer(max_epochs=1, callbacks=callbacks, accumulate_grad_batches=accumulate).fit(
-        module, loader(classification_data(n=48)))
-    return module, (float(torch.rand(())), float(np.random.rand()), random.random())
-
-
-@pytest.mark.parametrize("accumulate", [1, 3])
-def test_both_passes_see_the_same_random_draws_and_the_stream_continues_as_a_plain_step(accumulate):
-    plain, plain_after = draws_after_fit([], accumulate)
-    sam, sam_after = draws_after_fit([NuSAM(rho=0.0)], accumulate)
-    first = [d[1:] for d in sam.draws if d[0] == "first"]
-    second = [d[1:] for d in sam.draws if d[0] == "second"]
-    assert first == second == [d[1:] for d in plain.draws]
-    assert sam_after == plain_after  # the random stream after the steps is a plain run's
-    assert max_weight_difference(sam.net, plain.net) == 0.0  # dropout masks too: rho=0 is a no-op
-
-
-def test_independent_draws_per_pass_on_request():
-    module, _ = draws_after_fit([NuSAM(rho=0.1, same_random_draws=False)])
-    first = [d[1] for d in module.draws if d[0] == "first"]
-    second = [d[1] for d in module.draws if d[0] == "second"]
-    assert all(a != b for a, b in zip(first, second, strict=True))
-
-
-def test_the_mixin_replays_the_random_draws_too():
-    L.seed_everything(3)
-    plain = Classifier(net=make_net(dropout=0.5), accumulate_grad_batches=2)
-    trainer(max_epochs=1).fit(plain, loader(classification_data()))
-    L.seed_everything(3)
-    sam = Classifier(net=make_net(dropout=0.5), accumulate_grad_batches=2)
-    trainer(max_epochs=1, callbacks=[NuSAM(rho=0.0)]).fit(sam, loader(classification_data()))
-    assert max_weight_difference(sam.net, plain.net) == 0.0
 
 
 # 4. optimizer_step overrides -------------------------------------------------------------------------
@@ -685,74 +629,7 @@ def test_no_optimizer_mode_is_left_alone_with_a_warning():
     assert max_weight_difference(module.net, before) == 0.0
 
 
-# with rho=0 the callback is exactly a no-op ------------------------------------------------------------
-class Everything(PlainClassifier):
-    """BatchNorm, dropout, a skipped micro-batch, a step scheduler; training_step logs a metric."""
-
-    def __init__(self, **kwargs):
-        super().__init__(net=make_net(batchnorm=True, dropout=0.3), scheduler={"interval": "step"}, **kwargs)
-        self.accuracy = torchmetrics.classification.MulticlassAccuracy(num_classes=3)
-
-    def training_step(self, batch, batch_idx):
-        if batch_idx == 4:
-            return None
-        self.accuracy(self.net(batch[0]), batch[1])
-        return super().training_step(batch, batch_idx)
-
-
-class MixinEverything(Classifier):
-    def __init__(self, **kwargs):
-        super().__init__(net=make_net(batchnorm=True, dropout=0.3), scheduler={"interval": "step"}, **kwargs)
-
-    def compute_loss(self, batch, batch_idx):
-        return None if batch_idx == 4 else super().compute_loss(batch, batch_idx)
-
-
-def fit_everything(path: str, callbacks: list, precision: str = "32-true") -> nn.Module:
-    """7 micro-batches per epoch, windows of 3 (the last one partial), clipping, 2 epochs."""
-    L.seed_everything(11)
-    data = loader(classification_data(n=56))
-    if path == "dropin":
-        module = Everything()
-        run = trainer(max_epochs=2, callbacks=callbacks, accumulate_grad_batches=3, gradient_clip_val=0.5,
-                      precision=precision)
-    else:
-        module = MixinEverything(accumulate_grad_batches=3, gradient_clip_val=0.5)
-        run = trainer(max_epochs=2, callbacks=callbacks, precision=precision)
-    run.fit(module, data)
-    assert run.global_step == 6
-    return module
-
-
-@functools.cache
-def fit_everything_without_callbacks(path: str, precision: str = "32-true") -> nn.Module:
-    """The reference run of :func:`fit_everything`, fitted once per path and precision."""
-    return fit_everything(path, [], precision)
-
-
-@pytest.mark.parametrize("path", ["dropin", "mixin"])
-@pytest.mark.parametrize("name", sorted(CALLBACKS))
-def test_rho_zero_is_exactly_a_no_op_with_accumulation_clipping_batchnorm_dropout_and_skips(name, path):
-    plain = fit_everything_without_callbacks(path)
-    sam = fit_everything(path, [CALLBACKS[name](rho=0.0)])
-    assert max_weight_difference(sam.net, plain.net) == 0.0
-    assert torch.equal(sam.net[1].running_mean, plain.net[1].running_mean)
-    assert int(sam.net[1].num_batches_tracked) == int(plain.net[1].num_batches_tracked)
-
-
-@pytest.mark.parametrize("path", ["dropin", "mixin"])
-@pytest.mark.parametrize("name", ["NuSAM", "NuSAMNorm", "GaussSAM"])
-def test_a_radius_below_the_rounding_of_the_weights_is_a_no_op_too(name, path):
-    plain = fit_everything_without_callbacks(path)
-    sam = fit_everything(path, [CALLBACKS[name](rho=1e-12)])
-    assert max_weight_difference(sam.net, plain.net) == 0.0
-
-
-@pytest.mark.parametrize("path", ["dropin", "mixin"])
-def test_rho_zero_is_a_no_op_in_bf16_mixed(path):
-    plain = fit_everything_without_callbacks(path, "bf16-mixed")
-    sam = fit_everything(path, [NuSAM(rho=0.0)], precision="bf16-mixed")
-    assert max_weight_difference(sam.net, plain.net) == 0.0
+# with rho=0 the callback is exactly a no-op (with accumulation, clipping, BatchNorm: test_ways_in.py) ---
 
 
 def other_callbacks(folder: Path) -> list:
