@@ -5,7 +5,6 @@ perturbation from the accumulated gradient, the same micro-batches replayed at w
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.plugins import MixedPrecision
 
 from helpers import (
     Classifier,
@@ -106,14 +105,6 @@ def test_sam_holds_its_copy_with_accumulation_too():
     assert sam.perturbation.held_numel() == sum(p.numel() for p in sam.perturbation.parameters)
 
 
-def test_16_mixed_with_accumulation_through_the_mixin():
-    module = Classifier(accumulate_grad_batches=2, gradient_clip_val=1.0)
-    run = trainer(max_steps=3, callbacks=[NuSAM(rho=0.1)], plugins=[MixedPrecision("16-mixed", "cpu")])
-    run.fit(module, loader(classification_data(), 4))
-    assert run.global_step == 3 and module.loss_calls == 3 * 2 * 2
-    assert all(torch.isfinite(p).all() for p in module.parameters())
-
-
 @pytest.mark.parametrize("path", ["mixin", "dropin"])
 def test_start_fraction_counts_optimizer_steps_not_micro_batches(path):
     module = Classifier(accumulate_grad_batches=4) if path == "mixin" else PlainClassifier()
@@ -162,11 +153,3 @@ def test_resume_from_a_mid_window_checkpoint(tmp_path, path):
     assert 0 < max_weight_difference(resumed.net, uninterrupted.net) < 0.1
 
 
-def test_dropin_follows_a_gradient_accumulation_schedule():
-    from lightning.pytorch.callbacks import GradientAccumulationScheduler
-
-    module = PlainClassifier()
-    run = trainer(max_epochs=2, callbacks=[NuSAM(rho=0.3), GradientAccumulationScheduler({0: 1, 1: 3})])
-    run.fit(module, loader(classification_data(n=48), 4))  # 12 micro-batches per epoch
-    assert run.global_step == 12 + 4
-    assert module.loss_calls == 2 * 24

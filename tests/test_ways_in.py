@@ -31,6 +31,7 @@ from helpers import (
     loader,
     make_net,
     max_weight_difference,
+    micro_batches,
     reference_loop,
     trainer,
     windows,
@@ -93,6 +94,7 @@ def fit(way: str, net: nn.Module, method: str | None, rho: float, data, *, batch
             run = trainer(callbacks=callbacks)
         run.fit(module, loader(data, batch_size))
         assert run.global_step == len(windows(data, batch_size, accumulate))
+        assert module.loss_calls == (2 if method else 1) * len(micro_batches(data, batch_size))
         return net
     perturbation = PERTURBATIONS[method](net, rho=rho) if method else None  # (before Fabric's setup)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
