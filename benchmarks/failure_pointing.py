@@ -78,7 +78,7 @@ DEFAULT_FILES = [
 ]
 
 FAILED = re.compile(r"^(FAILED|ERROR) (tests/[\w/]+\.py)(::\S+)?")
-SUMMARY = re.compile(r"=+ (.*(passed|failed|error).*) in ([\d.]+)s")
+SUMMARY = re.compile(r"(\d+ (passed|failed|errors?)\b.*) in ([\d.]+)s")
 
 
 def copy_with_bug(bug: Bug, destination: Path) -> Path:

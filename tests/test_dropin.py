@@ -270,3 +270,19 @@ def test_dropin_follows_a_gradient_accumulation_schedule():
     run.fit(module, loader(classification_data(n=48), 4))  # 12 micro-batches per epoch
     assert run.global_step == 12 + 4
     assert module.loss_calls == 2 * 24
+
+
+def test_the_losses_it_reports_with_accumulation_are_the_windows_as_the_mixin_reports_them():
+    """With accumulation Lightning runs the first passes of a window's earlier micro-batches itself:
+    the drop-in keeps their losses, so the step's clean loss (and its sharpness) is the mean over
+    the window, as the mixin, which runs every pass, reports it."""
+    data = classification_data(n=48)
+    dropin = PlainClassifier()
+    run = trainer(callbacks=[NuSAM(rho=0.3)], accumulate_grad_batches=3)
+    run.fit(dropin, loader(data, 4))
+    mixin = Classifier(accumulate_grad_batches=3)
+    reference = trainer(callbacks=[NuSAM(rho=0.3)])
+    reference.fit(mixin, loader(data, 4))
+    assert run.global_step == reference.global_step == 4
+    for key in ("sam/sharpness_step", "sam/sharpness_epoch", "sam/loss_perturbed_epoch"):
+        assert torch.allclose(run.callback_metrics[key], reference.callback_metrics[key]), key
