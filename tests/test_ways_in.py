@@ -41,6 +41,7 @@ from lightning_nusam.engine import LossPasses, StepEngine
 from lightning_nusam.fabric import fabric_engine, fabric_passes
 from lightning_nusam.optim import SAMOptimizer
 from lightning_nusam.perturbations import GaussianPerturbation, L2Perturbation, NuclearPerturbation
+from lightning_nusam.step_options import StepOptions
 
 WAYS = ["drop-in", "mixin", "plain-loop", "sam-optimizer", "fabric"]
 LIGHTNING_WAYS = ["drop-in", "mixin"]
@@ -322,6 +323,7 @@ def test_independent_draws_per_pass_on_request(way):
 
 # the options of the step -------------------------------------------------------------------------------
 OPTION_WAYS: dict[str, Callable[..., object]] = {
+    "step-options": lambda model, **options: StepOptions(**options),  # (the one object that checks)
     "callback": lambda model, **options: NuSAM(**options),  # (the drop-in's and the mixin's)
     "plain-loop": lambda model, **options: StepEngine(model, NuclearPerturbation(model), **options),
     "sam-optimizer": lambda model, **options: SAMOptimizer(
