@@ -9,6 +9,7 @@ named for it (a drop-in bug in ``test_dropin.py``, a mixin bug in ``test_mixin.p
     .venv/bin/python benchmarks/failure_pointing.py                    # every bug, the default files
     .venv/bin/python benchmarks/failure_pointing.py --bugs engine-batchnorm --files tests/test_engine.py
     .venv/bin/python benchmarks/failure_pointing.py --out pointing.json  # the table as JSON too
+    .venv/bin/python benchmarks/failure_pointing.py --bugs none --durations=0  # (pytest options pass through)
 
 Without ``--files``, the Lightning-layer test files of issue 30 that exist are run. ``--bugs
 none`` runs the unchanged copy (every listed file must pass).
@@ -21,6 +22,7 @@ import collections
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -102,9 +104,11 @@ def run(bug_name: str, files: list[str], extra: list[str]) -> dict:
         env = {**os.environ, "PYTHONPATH": str(source), "PYTHONDONTWRITEBYTECODE": "1"}
         command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE",
                    "--no-header", *extra, *files]
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
         result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu_seconds = after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime
     failures: dict[str, list[str]] = collections.defaultdict(list)
     for line in result.stdout.splitlines():
         match = FAILED.match(line)
@@ -113,7 +117,8 @@ def run(bug_name: str, files: list[str], extra: list[str]) -> dict:
     summary = next((m.group(1) for m in map(SUMMARY.search, result.stdout.splitlines()[::-1]) if m), "?")
     return {"bug": bug_name, "what": bug.what, "files": {f: len(v) for f, v in sorted(failures.items())},
             "tests": {f: sorted(set(v)) for f, v in sorted(failures.items())},
-            "summary": summary, "seconds": round(seconds, 1), "returncode": result.returncode}
+            "summary": summary, "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
+            "returncode": result.returncode}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
         outcome = run(name, files, extra)
         results.append(outcome)
         failing = ", ".join(f"{Path(f).name} {n}" for f, n in outcome["files"].items()) or "nothing fails"
-        print(f"| {name} | {failing} | {outcome['summary']} | {outcome['seconds']:.0f} s |", flush=True)
+        print(f"| {name} | {failing} | {outcome['summary']} | {outcome['seconds']:.0f} s "
+              f"({outcome['cpu_seconds']:.0f} s CPU) |", flush=True)
         if args.names:
             for file, tests in outcome["tests"].items():
                 for test in tests:
