@@ -61,8 +61,8 @@ BUGS = {
         "the mixin never clips (gradient_clip_val ignored)"),
     "engine-batchnorm": Bug(
         "engine.py",
-        'if self.batchnorm_update == "first":\n                stack.enter_context(frozen_',
-        'if self.batchnorm_update == "second":\n                stack.enter_context(frozen_',
+        'batchnorm_update == "first":\n                stack.enter_context(frozen_',
+        'batchnorm_update == "second":\n                stack.enter_context(frozen_',
         "the engine freezes BatchNorm statistics in the wrong pass (the default 'first' updates both)"),
     "callback-state-first-step": Bug(
         "lightning/callback.py",
