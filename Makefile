@@ -54,7 +54,8 @@ OLDEST_DESELECT ?= not fsdp2 and not local_weights_file
 OLDEST_VENV ?= $(HOME)/.cache/lightning-nusam/venv-oldest-$(shell sha256sum $(OLDEST_LOCK) | cut -c1-12)
 OLDEST_TESTS ?= tests/test_nuclear.py tests/test_power_iteration.py tests/test_l2_and_gaussian.py \
 	tests/test_engine.py tests/test_policy.py tests/test_schedules.py tests/test_sam_optimizer.py \
-	tests/test_fabric.py tests/test_lightning_step.py tests/test_dropin.py tests/test_accumulation.py \
+	tests/test_fabric.py tests/test_ways_in.py tests/test_mixin.py tests/test_callback.py tests/test_dropin.py \
+	tests/test_accumulation.py \
 	tests/test_configs_and_cli.py tests/test_memory_and_bench.py tests/test_models_and_data.py src
 
 # no prerequisite: the folder's name holds the lock's hash (a fresh clone's newer files must not

@@ -4,6 +4,7 @@ modules and Trainer settings."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import random
 import sys
@@ -183,6 +184,33 @@ class PlainClassifier(L.LightningModule):
         return configure_optimizers(self)
 
 
+class EMATeacher(L.LightningModule):
+    """BYOL/DINO style: a frozen teacher, the EMA of the student, updated in the loss (state the
+    step changes besides the gradients); ``training_step`` is ``loss(batch)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.student = make_net()
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+
+    def loss(self, batch):
+        inputs, labels = batch
+        logits = self.student(inputs)
+        with torch.no_grad():
+            target = self.teacher(inputs).softmax(-1)
+        loss = nn.functional.cross_entropy(logits, labels) - (target * logits.log_softmax(-1)).sum(-1).mean()
+        with torch.no_grad():
+            for t, s in zip(self.teacher.parameters(), self.student.parameters(), strict=True):
+                t.mul_(0.9).add_(s, alpha=0.1)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self.loss(batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+
+
 def resumable_fit(module_class, sam, folder: Path, ckpt_path: str | None = None,
                   save_every: int | None = None, data_seed: int = 3) -> L.LightningModule:
     """Two epochs with dropout, AdamW and a per-step scheduler, validation each epoch and a
@@ -237,30 +265,49 @@ def windows(dataset: TensorDataset, batch_size: int = 8, per_step: int = 1) -> l
 def reference_loop(net: nn.Module, make_perturbation: Callable[[nn.Module], Perturbation] | None,
                    windows: list[Window], *, divide_by: int | None = None,
                    make_optimizer: Callable[..., torch.optim.Optimizer] | None = None,
-                   halve_lr_every_step: bool = False) -> nn.Module:
+                   halve_lr_every_step: bool = False, batchnorm_update: str = "both") -> nn.Module:
     """The independent replay of a sharpness-aware run: for each window of micro-batches, the
     first pass over all of them (each loss divided by ``divide_by``, default the window's length),
     ``perturb()``, the second pass over the same ones, ``restore()``, an optimizer step (SGD with
     lr 0.05 and momentum 0.9 unless ``make_optimizer(parameters)`` says otherwise); a plain step
-    when ``make_perturbation`` is None."""
+    when ``make_perturbation`` is None. ``batchnorm_update="first"`` (``"second"``) puts back the
+    BatchNorm buffers the second (first) pass changed; ``"both"`` keeps both passes' updates."""
     optimizer = (make_optimizer or (lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)))(net.parameters())
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, 0.5) if halve_lr_every_step else None
     perturbation = make_perturbation(net) if make_perturbation is not None else None
     for window in windows:
         k = divide_by or len(window)
+        kept = batchnorm_buffers(net) if perturbation is not None and batchnorm_update == "second" else None
         for x, y in window:
             (nn.functional.cross_entropy(net(x), y) / k).backward()
+        if kept is not None:
+            put_back(kept)
         if perturbation is not None:
+            kept = batchnorm_buffers(net) if batchnorm_update == "first" else None
             perturbation.perturb()
             net.zero_grad(set_to_none=True)
             for x, y in window:
                 (nn.functional.cross_entropy(net(x), y) / k).backward()
             perturbation.restore()
+            if kept is not None:
+                put_back(kept)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:
             scheduler.step()
     return net
+
+
+def batchnorm_buffers(net: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(buffer, copy) for every BatchNorm buffer of ``net``, for :func:`put_back`."""
+    return [(b, b.detach().clone()) for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for b in m.buffers()]
+
+
+def put_back(kept: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for buffer, copy in kept:
+            buffer.copy_(copy)
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,24 +1,21 @@
 """The programs Lightning users write around their module, with a sharpness-aware callback added.
 
-Fine-tuning callbacks that unfreeze layers, torchmetrics updated in ``training_step``, dropout
-and random draws in the step, ``optimizer_step`` overrides, SWA, skipped batches, the Tuner, an
-LR warm-up under ``rho_schedule="lr"``, checkpoints written in the middle of a step, and misuse of
-the core. Each case is checked against an independent replay; and with ``rho=0`` every callback
-must be exactly a no-op, in every combination below: the weights of the run without it.
+Fine-tuning callbacks that unfreeze layers, torchmetrics updated in ``training_step``,
+``optimizer_step`` overrides, SWA, skipped batches, the Tuner, an LR warm-up under
+``rho_schedule="lr"``, checkpoints written in the middle of a step, and misuse of the core. Each
+case is checked against an independent replay, and with ``rho=0`` against the run without the
+callback. (Random draws in the step, and rho=0 with accumulation, clipping, BatchNorm, dropout
+and skips on every way in: ``test_ways_in.py``.)
 """
 
 from __future__ import annotations
 
-import copy
-import functools
 import os
-import random
 import signal
 import stat
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 import torchmetrics
@@ -26,10 +23,6 @@ from lightning.pytorch.callbacks import (
     BackboneFinetuning,
     BaseFinetuning,
     Callback,
-    EarlyStopping,
-    GradientAccumulationScheduler,
-    LearningRateMonitor,
-    ModelCheckpoint,
     StochasticWeightAveraging,
 )
 from lightning.pytorch.tuner import Tuner
@@ -46,7 +39,7 @@ from helpers import (
     reference_loop,
     trainer,
 )
-from lightning_nusam import SAM, SAMON, GaussSAM, NuSAM, NuSAMNorm, SAMMixin, sam_pass
+from lightning_nusam import SAM, SAMON, GaussSAM, NuSAM, NuSAMNorm, sam_pass
 from lightning_nusam.perturbations import GaussianPerturbation, L2Perturbation, NuclearPerturbation
 
 CALLBACKS = {
@@ -171,110 +164,7 @@ def test_a_metric_updated_in_training_step_counts_each_sample_once_from_the_firs
     assert float(run.callback_metrics["train/acc"]) == pytest.approx(expected, abs=1e-6)
 
 
-class MixinWithMetrics(Classifier):
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.seen = torchmetrics.SumMetric()
-
-    def compute_loss(self, batch, batch_idx):
-        self.seen.update(torch.tensor(float(len(batch[1]))))
-        return super().compute_loss(batch, batch_idx)
-
-
-def test_a_metric_updated_in_compute_loss_counts_each_sample_once():
-    module = MixinWithMetrics(accumulate_grad_batches=2)
-    trainer(max_epochs=1, callbacks=[SAM(rho=0.5)]).fit(module, loader(classification_data(n=64)))
-    assert float(module.seen.compute()) == 64.0
-
-
-# 3. random draws in the step ------------------------------------------------------------------------
-class Mixup(PlainClassifier):
-    """Dropout in the net and a mixing weight drawn in training_step with torch, numpy and random."""
-
-    def __init__(self, **kwargs):
-        super().__init__(net=make_net(dropout=0.5), **kwargs)
-        self.draws: list[tuple[str | None, float, float, float]] = []
-
-    def training_step(self, batch, batch_idx):
-        inputs, labels = batch
-        lam, np_draw, py_draw = float(torch.rand(())), float(np.random.rand()), random.random()
-        self.draws.append((sam_pass(self), lam, np_draw, py_draw))
-        mixed = lam * inputs + (1 - lam) * inputs.flip(0)
-        logits = self.net(mixed)
-        return lam * nn.functional.cross_entropy(logits, labels) + (1 - lam) * nn.functional.cross_entropy(
-            logits, labels.flip(0))
-
-
-def draws_after_fit(callbacks, accumulate=1):
-    L.seed_everything(7)
-    module = Mixup()
-    trainer(max_epochs=1, callbacks=callbacks, accumulate_grad_batches=accumulate).fit(
-        module, loader(classification_data(n=48)))
-    return module, (float(torch.rand(())), float(np.random.rand()), random.random())
-
-
-@pytest.mark.parametrize("accumulate", [1, 3])
-def test_both_passes_see_the_same_random_draws_and_the_stream_continues_as_a_plain_step(accumulate):
-    plain, plain_after = draws_after_fit([], accumulate)
-    sam, sam_after = draws_after_fit([NuSAM(rho=0.0)], accumulate)
-    first = [d[1:] for d in sam.draws if d[0] == "first"]
-    second = [d[1:] for d in sam.draws if d[0] == "second"]
-    assert first == second == [d[1:] for d in plain.draws]
-    assert sam_after == plain_after  # the random stream after the steps is a plain run's
-    assert max_weight_difference(sam.net, plain.net) == 0.0  # dropout masks too: rho=0 is a no-op
-
-
-def test_independent_draws_per_pass_on_request():
-    module, _ = draws_after_fit([NuSAM(rho=0.1, same_random_draws=False)])
-    first = [d[1] for d in module.draws if d[0] == "first"]
-    second = [d[1] for d in module.draws if d[0] == "second"]
-    assert all(a != b for a, b in zip(first, second, strict=True))
-
-
-def test_the_mixin_replays_the_random_draws_too():
-    L.seed_everything(3)
-    plain = Classifier(net=make_net(dropout=0.5), accumulate_grad_batches=2)
-    trainer(max_epochs=1).fit(plain, loader(classification_data()))
-    L.seed_everything(3)
-    sam = Classifier(net=make_net(dropout=0.5), accumulate_grad_batches=2)
-    trainer(max_epochs=1, callbacks=[NuSAM(rho=0.0)]).fit(sam, loader(classification_data()))
-    assert max_weight_difference(sam.net, plain.net) == 0.0
-
-
 # 4. optimizer_step overrides -------------------------------------------------------------------------
-class WarmUpClosureFirst(PlainClassifier):
-    """The manual warm-up pattern that runs the closure itself, then steps without one."""
-
-    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
-        optimizer_closure()
-        for group in optimizer.param_groups:
-            group["lr"] = self.lr * min(1.0, (self.trainer.global_step + 1) / 4)
-        optimizer.step()
-
-
-class WarmUpClosurePassed(PlainClassifier):
-    """Lightning's documented pattern: the closure passed to optimizer.step."""
-
-    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
-        for group in optimizer.param_groups:
-            group["lr"] = self.lr * min(1.0, (self.trainer.global_step + 1) / 4)
-        optimizer.step(closure=optimizer_closure)
-
-
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_an_optimizer_step_override_that_runs_the_closure_itself_takes_the_same_step(accumulate):
-    data = loader(classification_data())
-    runs = {}
-    for name, cls in (("closure-first", WarmUpClosureFirst), ("closure-passed", WarmUpClosurePassed)):
-        module = cls()
-        run = trainer(max_epochs=1, callbacks=[NuSAM(rho=0.3)], accumulate_grad_batches=accumulate)
-        run.fit(module, data)
-        runs[name] = module
-    plain = WarmUpClosureFirst()
-    trainer(max_epochs=1, accumulate_grad_batches=accumulate).fit(plain, data)
-    assert max_weight_difference(runs["closure-first"].net, runs["closure-passed"].net) == 0.0
-    assert max_weight_difference(runs["closure-first"].net, plain.net) > 1e-3  # it trained, perturbed
-    assert runs["closure-first"].passes.count("second") == runs["closure-first"].passes.count("first") > 0
 
 
 # 5. SWA on a BatchNorm model ---------------------------------------------------------------------------
@@ -336,19 +226,6 @@ def test_a_skipped_last_micro_batch_still_perturbs_the_window_it_ends(path):
     assert run.global_step == 2 and sam.perturbation.steps == 2
     assert run.callback_metrics["sam/active_epoch"] == 1.0
     assert max_weight_difference(module.net, skipped_reference(0.4)) <= 1e-6
-
-
-class SkipsEverything(PlainClassifier):
-    def training_step(self, batch, batch_idx):
-        return None
-
-
-def test_a_window_without_any_loss_is_logged_as_not_perturbed():
-    sam = NuSAM(rho=0.4)
-    run = trainer(max_steps=2, callbacks=[sam], accumulate_grad_batches=2)
-    run.fit(SkipsEverything(), loader(classification_data()))
-    assert sam.perturbation.steps == 0
-    assert run.callback_metrics["sam/active_step"] == 0.0 and run.callback_metrics["sam/rho_step"] == 0.0
 
 
 # 7. the Tuner ---------------------------------------------------------------------------------------
@@ -620,48 +497,6 @@ def test_nusam_memory_says_which_layers_it_counted(capsys):
     assert "not perturbed" in shown and "conv1.weight" in shown and "include_conv" in shown
 
 
-def test_the_mixin_after_the_module_in_the_bases_is_refused_when_the_class_is_defined():
-    with pytest.raises(TypeError, match=r"SAMMixin.*before.*PlainClassifier"):
-        class Wrong(PlainClassifier, SAMMixin):
-            pass
-
-
-def test_epoch_schedulers_of_a_mixin_step_without_super_in_on_train_epoch_end():
-    class OwnEpochEnd(Classifier):
-        def on_train_epoch_end(self):
-            self.ended = getattr(self, "ended", 0) + 1  # no super() call
-
-    module = OwnEpochEnd(scheduler={"interval": "epoch", "frequency": 1})
-    run = trainer(max_epochs=2, callbacks=[NuSAM(rho=0.1)])
-    run.fit(module, loader(classification_data()))
-    assert module.ended == 2
-    assert run.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05 * 0.5**2)
-
-
-def test_clipping_of_a_mixin_that_overrides_on_before_optimizer_step_without_super():
-    class OwnHook(Classifier):
-        def on_before_optimizer_step(self, optimizer):
-            self.hooked = True
-
-    module = OwnHook(lr=1.0, gradient_clip_val=1e-3)
-    module.configure_optimizers = lambda: torch.optim.SGD(module.parameters(), lr=1.0)
-    before = copy.deepcopy(module.net)
-    trainer(max_steps=1, callbacks=[SAM(rho=0.05)]).fit(module, loader(classification_data()))
-    step = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(module.net.parameters(), before.parameters(),
-                                                               strict=True)))
-    assert module.hooked and step.item() == pytest.approx(1e-3, rel=1e-3)
-
-
-def test_resuming_with_another_selection_names_the_checkpoint_and_the_change(tmp_path):
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    trainer(max_steps=2, callbacks=[NuSAM(rho=0.1), checkpoint], enable_checkpointing=True).fit(
-        PlainClassifier(), loader(classification_data()))
-    path = str(tmp_path / "last.ckpt")
-    with pytest.raises(ValueError, match=r"(?s)last\.ckpt.*net\.6\.weight.*include"):
-        trainer(max_steps=4, callbacks=[NuSAM(rho=0.1, exclude="net.6.*")]).fit(
-            PlainClassifier(), loader(classification_data()), ckpt_path=path)
-
-
 def test_relative_position_bias_tables_are_not_perturbed_by_default():
     import timm
 
@@ -673,108 +508,7 @@ def test_relative_position_bias_tables_are_not_perturbed_by_default():
     assert "layers.0.blocks.0.attn.qkv.weight" in names
 
 
-def test_no_optimizer_mode_is_left_alone_with_a_warning():
-    class NoOptimizer(PlainClassifier):
-        def configure_optimizers(self):
-            return None
-
-    module = NoOptimizer()
-    before = copy.deepcopy(module.net)
-    with pytest.warns(UserWarning, match="no optimizer"):
-        trainer(max_steps=2, callbacks=[NuSAM(rho=0.1)]).fit(module, loader(classification_data()))
-    assert max_weight_difference(module.net, before) == 0.0
-
-
-# with rho=0 the callback is exactly a no-op ------------------------------------------------------------
-class Everything(PlainClassifier):
-    """BatchNorm, dropout, a skipped micro-batch, a step scheduler; training_step logs a metric."""
-
-    def __init__(self, **kwargs):
-        super().__init__(net=make_net(batchnorm=True, dropout=0.3), scheduler={"interval": "step"}, **kwargs)
-        self.accuracy = torchmetrics.classification.MulticlassAccuracy(num_classes=3)
-
-    def training_step(self, batch, batch_idx):
-        if batch_idx == 4:
-            return None
-        self.accuracy(self.net(batch[0]), batch[1])
-        return super().training_step(batch, batch_idx)
-
-
-class MixinEverything(Classifier):
-    def __init__(self, **kwargs):
-        super().__init__(net=make_net(batchnorm=True, dropout=0.3), scheduler={"interval": "step"}, **kwargs)
-
-    def compute_loss(self, batch, batch_idx):
-        return None if batch_idx == 4 else super().compute_loss(batch, batch_idx)
-
-
-def fit_everything(path: str, callbacks: list, precision: str = "32-true") -> nn.Module:
-    """7 micro-batches per epoch, windows of 3 (the last one partial), clipping, 2 epochs."""
-    L.seed_everything(11)
-    data = loader(classification_data(n=56))
-    if path == "dropin":
-        module = Everything()
-        run = trainer(max_epochs=2, callbacks=callbacks, accumulate_grad_batches=3, gradient_clip_val=0.5,
-                      precision=precision)
-    else:
-        module = MixinEverything(accumulate_grad_batches=3, gradient_clip_val=0.5)
-        run = trainer(max_epochs=2, callbacks=callbacks, precision=precision)
-    run.fit(module, data)
-    assert run.global_step == 6
-    return module
-
-
-@functools.cache
-def fit_everything_without_callbacks(path: str, precision: str = "32-true") -> nn.Module:
-    """The reference run of :func:`fit_everything`, fitted once per path and precision."""
-    return fit_everything(path, [], precision)
-
-
-@pytest.mark.parametrize("path", ["dropin", "mixin"])
-@pytest.mark.parametrize("name", sorted(CALLBACKS))
-def test_rho_zero_is_exactly_a_no_op_with_accumulation_clipping_batchnorm_dropout_and_skips(name, path):
-    plain = fit_everything_without_callbacks(path)
-    sam = fit_everything(path, [CALLBACKS[name](rho=0.0)])
-    assert max_weight_difference(sam.net, plain.net) == 0.0
-    assert torch.equal(sam.net[1].running_mean, plain.net[1].running_mean)
-    assert int(sam.net[1].num_batches_tracked) == int(plain.net[1].num_batches_tracked)
-
-
-@pytest.mark.parametrize("path", ["dropin", "mixin"])
-@pytest.mark.parametrize("name", ["NuSAM", "NuSAMNorm", "GaussSAM"])
-def test_a_radius_below_the_rounding_of_the_weights_is_a_no_op_too(name, path):
-    plain = fit_everything_without_callbacks(path)
-    sam = fit_everything(path, [CALLBACKS[name](rho=1e-12)])
-    assert max_weight_difference(sam.net, plain.net) == 0.0
-
-
-@pytest.mark.parametrize("path", ["dropin", "mixin"])
-def test_rho_zero_is_a_no_op_in_bf16_mixed(path):
-    plain = fit_everything_without_callbacks(path, "bf16-mixed")
-    sam = fit_everything(path, [NuSAM(rho=0.0)], precision="bf16-mixed")
-    assert max_weight_difference(sam.net, plain.net) == 0.0
-
-
-def other_callbacks(folder: Path) -> list:
-    return [ModelCheckpoint(dirpath=folder, every_n_train_steps=2, save_top_k=-1),
-            EarlyStopping(monitor="val/loss", patience=5), LearningRateMonitor(logging_interval="step"),
-            GradientAccumulationScheduler({0: 1, 1: 2})]
-
-
-@pytest.mark.parametrize("override", ["closure-first", "closure-passed", "none"])
-def test_rho_zero_is_a_no_op_with_lightnings_callbacks_and_optimizer_step_overrides(tmp_path, override):
-    cls = {"closure-first": WarmUpClosureFirst, "closure-passed": WarmUpClosurePassed,
-           "none": PlainClassifier}[override]
-    weights = []
-    for callbacks in ([], [NuSAM(rho=0.0)]):
-        L.seed_everything(5)
-        module = cls(net=make_net(dropout=0.2))
-        run = trainer(max_epochs=2, callbacks=[*callbacks, *other_callbacks(tmp_path / str(len(callbacks)))],
-                      logger=L.pytorch.loggers.CSVLogger(tmp_path), enable_checkpointing=True)
-        data = loader(classification_data())
-        run.fit(module, data, val_dataloaders=data)
-        weights.append(module.net)
-    assert max_weight_difference(*weights) == 0.0
+# with rho=0 the callback is exactly a no-op (with accumulation, clipping, BatchNorm: test_ways_in.py) ---
 
 
 def test_rho_zero_is_a_no_op_with_ema_and_backbone_finetuning():
@@ -802,32 +536,6 @@ def test_rho_zero_is_a_no_op_with_torch_compile():
 
 
 # found in review: more programs -----------------------------------------------------------------------
-@pytest.mark.parametrize("callbacks", [[], [NuSAM(rho=0.0)]], ids=["no-callback", "nusam"])
-def test_the_mixin_keeps_its_window_through_a_validation_in_the_middle_of_an_epoch(callbacks):
-    nets = []
-    for interval in (1.0, 1):  # validation at the end of the epoch, or after every batch
-        torch.manual_seed(0)
-        module = Classifier(accumulate_grad_batches=2)
-        data = loader(classification_data())
-        trainer(max_epochs=1, limit_train_batches=4, val_check_interval=interval,
-                callbacks=[copy.deepcopy(cb) for cb in callbacks]).fit(module, data, val_dataloaders=data)
-        nets.append(module.net)
-    assert max_weight_difference(*nets) == 0.0
-
-
-class LogsTheBatchIndex(PlainClassifier):
-    def training_step(self, batch, batch_idx):
-        if sam_pass(self) != "second":
-            self.log("index", float(batch_idx), on_step=False, on_epoch=True)
-        return super().training_step(batch, batch_idx)
-
-
-@pytest.mark.parametrize("options", [{"accumulate_grad_batches": 2}, {}], ids=["accumulate", "every-2"])
-def test_self_log_in_the_passes_the_callback_runs_is_one_series(options):
-    sam = NuSAM(rho=0.1) if options else NuSAM(rho=0.1, every_n_steps=2)
-    run = trainer(max_epochs=1, callbacks=[sam], **options)
-    run.fit(LogsTheBatchIndex(), loader(classification_data()))  # 6 batches: the mean index is 2.5
-    assert float(run.callback_metrics["index"]) == pytest.approx(2.5)
 
 
 def test_the_same_callback_in_a_second_fit_starts_its_schedule_afresh():
@@ -843,50 +551,3 @@ def test_the_same_callback_in_a_second_fit_starts_its_schedule_afresh():
         NuSAM(rho=0.1, start_epoch=1, rho_schedule="linear", rho_final=0.0), 4)
 
 
-def test_a_failed_fit_leaves_no_hook_on_a_reused_optimizer():
-    class Cached(PlainClassifier):
-        def configure_optimizers(self):
-            if not hasattr(self, "cached"):
-                self.cached = torch.optim.SGD(self.parameters(), lr=0.05)
-            return self.cached
-
-    module, sam = Cached(), NuSAM(rho=0.1)
-    original = module.training_step
-
-    def fails_once(batch, batch_idx):
-        if not getattr(module, "failed", False):
-            module.failed = True
-            raise RuntimeError("boom")
-        return original(batch, batch_idx)
-
-    module.training_step = fails_once
-    with pytest.raises(RuntimeError, match="boom"):
-        trainer(max_steps=1, callbacks=[sam]).fit(module, loader(classification_data()))
-    module.passes.clear()
-    trainer(max_steps=2, callbacks=[sam]).fit(module, loader(classification_data()))
-    assert module.passes == ["first", "second"] * 2
-
-
-def test_an_optimizer_step_override_that_skips_the_step_ends_the_window():
-    class SkipsOddSteps(PlainClassifier):
-        def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
-            if batch_idx % 2:
-                optimizer_closure()  # computes, but does not step
-            else:
-                optimizer.step(closure=optimizer_closure)
-
-    sam = NuSAM(rho=0.1)
-    module = SkipsOddSteps()
-    trainer(max_epochs=1, callbacks=[sam]).fit(module, loader(classification_data()))
-    assert sam.perturbation.steps == 3 and not sam.engine.in_step  # each window its own
-
-
-def test_a_sam_optimizer_under_the_callback_is_refused():
-    from lightning_nusam.optim import SAMOptimizer
-
-    class Both(PlainClassifier):
-        def configure_optimizers(self):
-            return SAMOptimizer(NuclearPerturbation(self.net), torch.optim.SGD(self.parameters(), lr=0.1))
-
-    with pytest.raises(ValueError, match="SAMOptimizer"):
-        trainer(max_steps=1, callbacks=[NuSAM(rho=0.1)]).fit(Both(), loader(classification_data()))

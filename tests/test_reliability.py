@@ -1,11 +1,10 @@
 """Inputs that used to fail silently, crash late or leave a side effect: each now works or is
-refused early with a message that names the argument and the fix."""
+refused early with a message that names the argument and the fix. (The mixin's: test_mixin.py.)"""
 
 import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -13,24 +12,10 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from helpers import Classifier, PlainClassifier, TinyViTLike, classification_data, first_pass, loader, trainer
-from lightning_nusam import SAM, GaussSAM, NuSAM, SAMMixin
+from lightning_nusam import SAM, GaussSAM, NuSAM
 from lightning_nusam.perturbations import GaussianPerturbation, L2Perturbation, NuclearPerturbation
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-# 1. SAMMixin with a training_step of its own ------------------------------------------------
-def test_mixin_with_its_own_training_step_is_refused_at_construction():
-    class Overrides(SAMMixin, L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.layer = nn.Linear(6, 3)
-
-        def training_step(self, batch, batch_idx):
-            return self.layer(batch[0]).sum()
-
-    with pytest.raises(TypeError, match="compute_loss"):
-        Overrides()
 
 
 # 2. one pattern given as a string ----------------------------------------------------------------
@@ -46,46 +31,6 @@ def test_callbacks_take_a_string_as_one_pattern():
     assert len(names) == len(list(model.parameters())) - 1
     with pytest.raises(TypeError, match="`include`"):
         NuSAM(rho=0.1, include=[1, 2])
-
-
-# 3. ReduceLROnPlateau under the mixin ---------------------------------------------------------
-class PlateauClassifier(Classifier):
-    def __init__(self, interval: str = "epoch"):
-        super().__init__(lr=0.1)
-        self.interval = interval
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val/flat", torch.tensor(1.0))  # never improves
-
-    def configure_optimizers(self):
-        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr)
-        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=0)
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": plateau, "monitor": "val/flat", "interval": self.interval}}
-
-
-@pytest.mark.parametrize("callbacks", [[], [NuSAM(rho=0.1)]], ids=["no-callback", "nusam"])
-def test_reduce_lr_on_plateau_is_stepped_with_its_monitored_metric_after_validation(callbacks):
-    module = PlateauClassifier()
-    data = loader(classification_data())
-    with pytest.warns() as record:  # Lightning's "monitor will be ignored" must not appear
-        run = trainer(max_epochs=4, callbacks=callbacks)
-        run.fit(module, data, val_dataloaders=data)
-    assert not any("will be ignored" in str(w.message) for w in record)
-    # epoch 0 sets the best value; each later epoch is a plateau: 3 halvings
-    assert run.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
-
-
-def test_reduce_lr_on_plateau_without_a_monitor_is_a_clear_error():
-    class NoMonitor(PlateauClassifier):
-        def configure_optimizers(self):
-            optimizer = torch.optim.SGD(self.parameters(), lr=self.lr)
-            return {"optimizer": optimizer,
-                    "lr_scheduler": torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)}
-
-    data = loader(classification_data())
-    with pytest.raises(ValueError, match="monitor"):
-        trainer(max_epochs=1).fit(NoMonitor(), data, val_dataloaders=data)
 
 
 # 4. start_fraction with an unknown number of steps ---------------------------------------------
@@ -198,11 +143,6 @@ def test_the_core_the_engine_the_policy_and_the_sam_optimizer_do_not_import_ligh
 
 
 # 8. closure optimizers, sparse gradients ---------------------------------------------------------
-def test_lbfgs_is_refused_on_the_mixin_too():
-    module = Classifier()
-    module.configure_optimizers = lambda: torch.optim.LBFGS(module.parameters())
-    with pytest.raises(ValueError, match="closure"):
-        trainer(max_steps=1, callbacks=[NuSAM(rho=0.1)]).fit(module, loader(classification_data()))
 
 
 class WithSparseEmbedding(nn.Module):
@@ -289,21 +229,6 @@ def test_the_console_command_does_not_warn_about_args_and_argv(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "args parameter is intended" not in result.stderr + result.stdout
-
-
-# 10. which pass is running ---------------------------------------------------------------------------
-def test_sam_pass_tells_compute_loss_which_pass_runs():
-    class Passes(Classifier):
-        def compute_loss(self, batch, batch_idx):
-            self.seen.append(self.sam_pass)
-            return super().compute_loss(batch, batch_idx)
-
-    module = Passes()
-    module.seen = []
-    trainer(max_epochs=2, limit_train_batches=2, callbacks=[NuSAM(rho=0.1, start_epoch=1)]).fit(
-        module, loader(classification_data()))
-    assert module.seen == [None, None, "first", "second", "first", "second"]
-    assert module.sam_pass is None  # between steps
 
 
 def test_exact_restore_of_a_non_contiguous_low_precision_weight():

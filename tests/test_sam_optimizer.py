@@ -39,27 +39,31 @@ def run(model, optimizer, steps):
         optimizer.second_step(zero_grad=True)
 
 
-@pytest.mark.parametrize("style", ["first-second", "closure"])
-def test_the_same_weights_as_the_core_loop(style):
+def test_first_step_and_second_step_give_the_weights_of_the_core_loop():
+    """The SAM-optimizer convention (first_step()/second_step()); step(closure) against the
+    reference loop is test_ways_in.py's two-pass test [sam-optimizer]."""
     expected = reference_loop(make_net(), lambda net: NuclearPerturbation(net, rho=0.3),
                               [[batch] for batch in batches()])
     net = make_net()
     optimizer = SAMOptimizer(NuclearPerturbation(net, rho=0.3), sgd(net.parameters()))
-    if style == "first-second":
-        run(net, optimizer, batches())
-    else:
-        for x, y in batches():
-            def closure(x=x, y=y):
-                optimizer.zero_grad()
-                loss = nn.functional.cross_entropy(net(x), y)
-                loss.backward()
-                return loss
-
-            with torch.no_grad():
-                clean = nn.functional.cross_entropy(net(x), y)
-            loss = optimizer.step(closure)
-            assert torch.equal(loss.detach(), clean)  # step() returns the first pass's loss, at w
+    run(net, optimizer, batches())
     assert max_weight_difference(net, expected) == 0.0
+
+
+def test_step_with_a_closure_returns_the_first_pass_loss_at_w():
+    net = make_net()
+    optimizer = SAMOptimizer(NuclearPerturbation(net, rho=0.3), sgd(net.parameters()))
+    for x, y in batches():
+        def closure(x=x, y=y):
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(net(x), y)
+            loss.backward()
+            return loss
+
+        with torch.no_grad():
+            clean = nn.functional.cross_entropy(net(x), y)
+        loss = optimizer.step(closure)
+        assert torch.equal(loss.detach(), clean)  # step() returns the first pass's loss, at w
 
 
 def test_with_l2_it_follows_pytorch_optimizers_sam_on_the_same_trajectory():

@@ -16,8 +16,6 @@ from helpers import (
     make_net,
     max_weight_difference,
     reference_loop,
-    resumable_fit,
-    same_weights,
     trainer,
     windows,
 )
@@ -90,28 +88,6 @@ def test_lr_schedule_follows_the_learning_rate():
     for step, measured in zip(radius.steps, radius.radii, strict=True):
         # relative to the base learning rate (StepLR's initial_lr), not to the lr at the start
         assert measured == pytest.approx(0.4 * 0.5 ** step, rel=1e-4)
-
-
-def test_schedules_that_need_the_number_of_steps_refuse_an_unknown_one():
-    with pytest.raises(ValueError, match="rho_schedule"):
-        cosine = NuSAM(rho=0.1, rho_schedule="cosine")
-        run = trainer(max_epochs=-1, max_time={"seconds": 5}, callbacks=[cosine])
-        run.fit(PlainClassifier(), loader(classification_data()))
-
-
-def scheduled_nusam() -> NuSAM:
-    return NuSAM(rho=0.3, rho_schedule="linear", rho_final=0.05, every_n_steps=2, start_fraction=0.2)
-
-
-def test_resume_in_the_middle_of_a_schedule_is_bit_identical(tmp_path):
-    sam = scheduled_nusam()
-    uninterrupted = resumable_fit(PlainClassifier, sam, tmp_path / "a", save_every=5, data_seed=2)
-    torch.manual_seed(99)
-    resumed_sam = scheduled_nusam()
-    resumed = resumable_fit(PlainClassifier, resumed_sam, tmp_path / "b", data_seed=2,
-                            ckpt_path=str(tmp_path / "a" / "epoch=0-step=5.ckpt"))
-    assert resumed.global_step == 12 and same_weights(uninterrupted, resumed)
-    assert resumed_sam.perturbation.steps == sam.perturbation.steps
 
 
 # ASAM ------------------------------------------------------------------------------------------------

@@ -22,11 +22,8 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from helpers import Classifier, classification_data, loader, make_net, trainer
+from helpers import Classifier, EMATeacher, classification_data, loader, make_net, trainer
 from lightning_nusam import NuSAM, sam_pass
-from lightning_nusam.engine import LossPasses, StepEngine
-from lightning_nusam.optim import SAMOptimizer
-from lightning_nusam.perturbations import NuclearPerturbation
 
 RADII = [0.0, 1e-12]
 
@@ -94,26 +91,6 @@ class SpectralNormNet(Module):
 
     def loss(self, batch):
         return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
-
-
-class EMATeacher(Module):
-    """BYOL/DINO style: a frozen teacher, the EMA of the student, updated in training_step."""
-
-    def __init__(self):
-        super().__init__()
-        self.student = make_net()
-        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
-
-    def loss(self, batch):
-        inputs, labels = batch
-        logits = self.student(inputs)
-        with torch.no_grad():
-            target = self.teacher(inputs).softmax(-1)
-        loss = nn.functional.cross_entropy(logits, labels) - (target * logits.log_softmax(-1)).sum(-1).mean()
-        with torch.no_grad():
-            for t, s in zip(self.teacher.parameters(), self.student.parameters(), strict=True):
-                t.mul_(0.9).add_(s, alpha=0.1)
-        return loss
 
 
 class EMATeacherThroughData(EMATeacher):
@@ -304,23 +281,6 @@ def test_state_a_first_pass_changes_only_from_a_later_step_on_is_named_in_a_warn
     with pytest.warns(UserWarning, match=r"second_passes for the first time.*sam_pass"):
         module = fit(CountsFromStepTwo, [NuSAM(rho=0.1)], loader(classification_data()))
     assert int(module.second_passes) == 4  # steps 2..5, once each
-
-
-def test_batchnorm_update_keeps_its_documented_choice():
-    def bn_net():
-        module = Module()
-        module.net = make_net(batchnorm=True)
-        module.loss = lambda batch: nn.functional.cross_entropy(module.net(batch[0]), batch[1])
-        return module
-
-    data = loader(classification_data())
-    plain = fit(bn_net, [], data)
-    counts = {}
-    for choice in ("first", "second", "both"):
-        module = fit(bn_net, [NuSAM(rho=0.1, batchnorm_update=choice)], data)
-        counts[choice] = int(module.net[1].num_batches_tracked)
-    assert counts == {"first": 6, "second": 6, "both": 12}
-    assert int(plain.net[1].num_batches_tracked) == 6
 
 
 # 2. the batch ------------------------------------------------------------------------------------------
@@ -523,7 +483,7 @@ def test_self_log_in_training_step_shows_the_clean_loss_per_step_and_per_epoch(a
     assert len(perturbed) == 6 // accumulate and all(p != c for p, c in zip(perturbed, per_step, strict=True))
 
 
-# 5. the mixin, SAMOptimizer and a plain engine loop ---------------------------------------------------------
+# 5. the mixin (SAMOptimizer, a plain loop and Fabric on the EMA-teacher program: test_ways_in.py) -------
 class MixinTeacher(Classifier):
     """The EMA-teacher and in-place-normalisation program written with SAMMixin's compute_loss."""
 
@@ -554,41 +514,3 @@ def test_the_mixin_replays_state_and_batch_as_one_pass(accumulate, rho):
     assert state_difference(sam, plain) == 0.0
 
 
-def teacher_loop(rho: float | None, way: str) -> nn.Module:
-    """Three steps of the EMA-teacher program in a plain loop: a plain SGD step (``rho=None``), the
-    SAMOptimizer's ``step(closure)``, or an engine step with LossPasses (as under Fabric), whose
-    loss normalises the batch it is given in place (a closure's batch is its own: not replayed)."""
-    torch.manual_seed(0)
-    module = EMATeacher()
-    base = torch.optim.SGD(module.student.parameters(), lr=0.1, momentum=0.9)
-    perturbation = NuclearPerturbation(module, rho=rho) if rho is not None else None  # the whole model
-    optimizer = SAMOptimizer(perturbation, base) if way == "sam-optimizer" and rho is not None else base
-    engine = StepEngine(module, perturbation) if way == "engine" and rho is not None else None
-    for index, (inputs, labels) in enumerate(loader(classification_data(n=24))):
-        batch = [inputs.clone(), labels]
-
-        def loss(micro_batch, _=0):
-            if way == "engine":
-                micro_batch[0].sub_(0.5)
-            return module.loss(micro_batch)
-
-        def closure(batch=batch):
-            optimizer.zero_grad()
-            value = loss(batch)
-            value.backward()
-            return value
-
-        if engine is not None:
-            engine.step(LossPasses(loss), [(batch, index)], base)
-        elif rho is not None:
-            optimizer.step(closure)
-        else:
-            closure()
-            optimizer.step()
-    return module
-
-
-@pytest.mark.parametrize("rho", RADII)
-@pytest.mark.parametrize("way", ["sam-optimizer", "engine"])
-def test_sam_optimizer_and_a_plain_engine_loop_guard_the_state_too(way, rho):
-    assert state_difference(teacher_loop(rho, way), teacher_loop(None, way)) == 0.0
