@@ -7,6 +7,7 @@ them, is in test_ways_in.py.)
 """
 
 import copy
+import warnings
 
 import lightning as L
 import pytest
@@ -259,7 +260,8 @@ class PlateauClassifier(Classifier):
 def test_reduce_lr_on_plateau_is_stepped_with_its_monitored_metric_after_validation(callbacks):
     module = PlateauClassifier()
     data = loader(classification_data())
-    with pytest.warns() as record:  # Lightning's "monitor will be ignored" must not appear
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")  # Lightning's "monitor will be ignored" must not appear
         run = trainer(max_epochs=4, callbacks=callbacks)
         run.fit(module, data, val_dataloaders=data)
     assert not any("will be ignored" in str(w.message) for w in record)
